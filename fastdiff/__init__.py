@@ -1,0 +1,24 @@
+"""fastdiff: faster diffusion sampling for diffusers pipelines, one line added.
+
+    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=3))
+"""
+
+from .caching import DeepCache
+from .core import (
+    Accelerator,
+    Decision,
+    Ledger,
+    Method,
+    Plan,
+    Report,
+    StepClock,
+    apply,
+    parse_method,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accelerator", "DeepCache", "Decision", "Ledger", "Method", "Plan", "Report", "StepClock",
+    "__version__", "apply", "parse_method",
+]

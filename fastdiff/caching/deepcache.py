@@ -1,0 +1,147 @@
+"""DeepCache: run the whole UNet every few steps, only its shallow branch in between.
+
+Deep UNet features change slowly across steps while the shallow skip branch carries the
+detail, so between full steps every block deeper than the chosen branch returns the output
+it produced at the last full step. ``branch`` numbers the skip branches from the shallowest
+(0) down, three per resolution level, exactly as the authors' release does; ``interval=N``
+runs the full network at steps 0, N, 2N, ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..core.method import Method
+from ..core.plan import Decision
+
+MODES = ("uniform", "nonuniform")
+LAYERS_PER_LEVEL = 3  # branch ids per resolution level: the up blocks' resnet count in SD-style UNets
+
+
+def _require_unet(denoiser: torch.nn.Module) -> None:
+    if not (hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")):
+        raise TypeError(
+            f"DeepCache acts on UNet denoisers (with down_blocks/up_blocks, e.g. UNet2DConditionModel); "
+            f"got {type(denoiser).__name__}"
+        )
+
+
+def centered_full_steps(num_steps: int, count: int, center: int, power: float) -> list[int]:
+    """``count`` step indices, denser around ``center``: the non-uniform 1:N schedule.
+
+    Points evenly spaced in ``sign(u)|u|^(1/power)`` around ``center`` map back to steps packed
+    near it; the exponent is relaxed until ``count`` distinct steps come out.
+    """
+    count = max(1, min(count, num_steps))
+    if count == 1:
+        return [0]
+    center = min(max(center, 0), num_steps - 1)
+    p = power
+    while p > 1.0:
+        low, high = -(center ** (1 / p)), (num_steps - 1 - center) ** (1 / p)
+        picks = {0}
+        for k in range(count):
+            u = low + (high - low) * k / (count - 1)
+            step = center + math.copysign(abs(u) ** p, u)
+            picks.add(min(num_steps - 1, max(0, round(step))))
+        if len(picks) == count:
+            return sorted(picks)
+        p -= 0.02
+    return sorted({round(k * (num_steps - 1) / (count - 1)) for k in range(count)})
+
+
+@dataclass
+class DeepCache(Method):
+    """Reuse the deep UNet features between full steps.
+
+    Args:
+        interval: a full UNet pass every ``interval`` steps (1 = vanilla).
+        branch: the skip branch that stays live, 0 = shallowest (the fastest).
+        mode: ``"uniform"`` (steps 0, interval, 2·interval, ...) or ``"nonuniform"`` (as many
+            full steps, packed around ``center``, where features change fastest).
+        center: the step the non-uniform schedule clusters around (default 30 % of the steps).
+        power: how strongly the non-uniform schedule clusters (> 1).
+    """
+
+    spec_name = "deepcache"
+    spec_keys = ("interval", "branch")
+
+    interval: int = 3
+    branch: int = 0
+    mode: str = "uniform"
+    center: int | None = None
+    power: float = 1.4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"DeepCache: interval must be an integer >= 1, got {self.interval!r}")
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise ValueError(f"DeepCache: branch must be an integer >= 0, got {self.branch!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"DeepCache: mode must be one of {MODES}, got {self.mode!r}")
+        if not self.power > 1.0:
+            raise ValueError(f"DeepCache: power must be > 1, got {self.power!r}")
+        if self.center is not None and self.center < 0:
+            raise ValueError(f"DeepCache: center must be >= 0, got {self.center!r}")
+
+    def _branch(self, denoiser: torch.nn.Module) -> tuple[int, int]:
+        _require_unet(denoiser)
+        levels = len(denoiser.down_blocks)
+        if self.branch >= levels * LAYERS_PER_LEVEL:
+            raise ValueError(
+                f"DeepCache: branch={self.branch} is deeper than this UNet has "
+                f"({levels} levels: allowed 0..{levels * LAYERS_PER_LEVEL - 1})"
+            )
+        return divmod(self.branch, LAYERS_PER_LEVEL)
+
+    def modules(self, denoiser: torch.nn.Module) -> list[str]:
+        """Maximal subtrees deeper than the branch, in execution order."""
+        level, layer = self._branch(denoiser)
+        paths: list[str] = []
+        for i, block in enumerate(denoiser.down_blocks):
+            if i > level or (i == level and layer == 0):
+                paths.append(f"down_blocks.{i}")
+            elif i == level:
+                for j in range(len(block.resnets)):
+                    if j >= layer:
+                        paths += _layer_paths(block, f"down_blocks.{i}", j)
+                for j, _ in enumerate(getattr(block, "downsamplers", None) or []):
+                    if len(block.resnets) >= layer:
+                        paths.append(f"down_blocks.{i}.downsamplers.{j}")
+        if getattr(denoiser, "mid_block", None) is not None:
+            paths.append("mid_block")
+        ups = len(denoiser.up_blocks)
+        for u, block in enumerate(denoiser.up_blocks):
+            depth = ups - u - 1  # the authors count up blocks from the output end
+            if depth > level:
+                paths.append(f"up_blocks.{u}")
+            elif depth == level:
+                count = len(block.resnets)
+                for j in range(count):
+                    if count - j - 1 > layer:
+                        paths += _layer_paths(block, f"up_blocks.{u}", j)
+        return paths
+
+    def full_steps(self, num_steps: int) -> list[int]:
+        if self.mode == "uniform":
+            return list(range(0, num_steps, self.interval))
+        count = math.ceil(num_steps / self.interval)
+        center = self.center if self.center is not None else round(0.3 * num_steps)
+        return centered_full_steps(num_steps, count, center, self.power)
+
+    def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
+        full = set(self.full_steps(num_steps))
+        row = tuple(Decision.COMPUTE if s in full else Decision.REUSE for s in range(num_steps))
+        return {path: row for path in self.modules(denoiser)}
+
+
+def _layer_paths(block: torch.nn.Module, prefix: str, j: int) -> list[str]:
+    paths = [f"{prefix}.resnets.{j}"]
+    attentions = getattr(block, "attentions", None)
+    if attentions is not None and j < len(attentions):
+        paths.append(f"{prefix}.attentions.{j}")
+    return paths

@@ -1,0 +1,307 @@
+"""``apply``: attach methods to a pipeline atomically, and the handle that undoes it.
+
+The pipeline's own ``__call__`` is never copied: the instance is moved to a subclass whose
+``__call__`` brackets the original one, so the engine knows where each call starts and ends
+(reset the clock, drop cached tensors) whatever the pipeline's signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils.flop_counter import FlopCounterMode
+
+from .clock import StepClock, steps_announced
+from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, ReuseHook
+from .ledger import Ledger, ModuleEvent, Report
+from .method import Method
+from .plan import Decision, Plan
+
+DENOISER_NAMES = ("unet", "transformer")
+ATTRIBUTE = "acceleration"
+
+
+def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
+    """The network called once per step; methods act on its submodules."""
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(
+            f"pipe: expected a diffusers DiffusionPipeline, got {type(pipe).__name__}; "
+            "load one with e.g. StableDiffusionPipeline.from_pretrained(...)"
+        )
+    for name in DENOISER_NAMES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return name, module
+    raise TypeError(
+        f"pipe: {type(pipe).__name__} has no denoiser fastdiff can accelerate "
+        f"(looked for components {list(DENOISER_NAMES)})"
+    )
+
+
+@functools.cache
+def _accelerated_class(cls: type) -> type:
+    """A same-named subclass whose ``__call__`` runs the original inside the engine's call bracket."""
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        accelerator = self.__dict__.get(ATTRIBUTE)
+        if accelerator is None:
+            return original(self, *args, **kwargs)
+        with accelerator.pipeline_call():
+            return original(self, *args, **kwargs)
+
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+         "__doc__": cls.__doc__, "_fastdiff_base": cls},
+    )
+
+
+@dataclass
+class _Installed:
+    module: torch.nn.Module
+    hook_name: str
+    created_registry: bool
+    had_forward: bool
+
+
+class Accelerator:
+    """Handle returned by :func:`apply`: the plan, the ledger, and ``remove()``."""
+
+    def __init__(self, pipe: DiffusionPipeline, methods: Sequence[Method], *, count_flops: bool = False,
+                 default_steps: int | None = None) -> None:
+        self.pipe = pipe
+        self.denoiser_name, self.denoiser = find_denoiser(pipe)
+        self.methods = list(methods)
+        self.count_flops = count_flops
+        self.clock = StepClock()
+        self.ledger = Ledger()
+        self.default_steps = default_steps or _default_steps(pipe)
+        self._plans: dict[int, Plan] = {}
+        self._plan: Plan | None = None
+        self._last_steps: int | None = None
+        self._installed: list[_Installed] = []
+        self._reuse_hooks: list[ReuseHook] = []
+        self._counter: FlopCounterMode | None = None
+        self._attached = False
+
+    # -- plan -----------------------------------------------------------------------------
+    def plan_for(self, num_steps: int) -> Plan:
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_steps not in self._plans:
+            self._plans[num_steps] = Plan.merge(
+                num_steps, ((m.name, m.schedule(self.denoiser, num_steps)) for m in self.methods)
+            )
+        return self._plans[num_steps]
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of the last call's step count (before any call: the pipeline's default)."""
+        return self.plan_for(self._last_steps or self.default_steps)
+
+    def report(self, call: int | None = -1) -> Report:
+        return self.ledger.report(call)
+
+    # -- install / remove -----------------------------------------------------------------
+    def _claims(self) -> dict[str, str]:
+        available = dict(self.denoiser.named_modules())
+        owners: dict[str, str] = {}
+        for method in self.methods:
+            for path in method.modules(self.denoiser):
+                if path not in available:
+                    raise ValueError(f"{method.name}: module {path!r} does not exist in the {self.denoiser_name}")
+                if path in owners:
+                    raise ValueError(
+                        f"methods {owners[path]!r} and {method.name!r} both claim module {path!r} of the "
+                        f"{self.denoiser_name}; combine methods that act on different modules"
+                    )
+                owners[path] = method.name
+        return owners
+
+    def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        created = not hasattr(module, "_diffusers_hook")
+        had_forward = "forward" in module.__dict__
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        self._installed.append(_Installed(module, name, created, had_forward))
+        registry.register_hook(hook, name)
+
+    def attach(self) -> None:
+        """Validate everything first, then hook; any failure undoes what was done."""
+        if ATTRIBUTE in self.pipe.__dict__:
+            raise ValueError(
+                "pipe: already accelerated; call pipe.acceleration.remove() first, or pass all methods "
+                "to one fastdiff.apply(...)"
+            )
+        owners = self._claims()
+        self.plan_for(self.default_steps)
+        try:
+            self._register(self.denoiser, DenoiserClockHook(self), CLOCK_HOOK)
+            modules = dict(self.denoiser.named_modules())
+            for path, owner in owners.items():
+                hook = ReuseHook(self, path, owner)
+                self._register(modules[path], hook, REUSE_HOOK)
+                self._reuse_hooks.append(hook)
+            self.pipe.__dict__[ATTRIBUTE] = self
+            self.pipe.__class__ = _accelerated_class(type(self.pipe))
+            self._attached = True
+        except BaseException:
+            self._detach()
+            raise
+        finally:
+            _invalidate_registry_cache(self.denoiser)
+
+    def _detach(self) -> None:
+        for item in reversed(self._installed):
+            registry = getattr(item.module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            registry.remove_hook(item.hook_name, recurse=False)
+            if item.created_registry and not registry.hooks:
+                del item.module._diffusers_hook
+            if not item.had_forward:
+                item.module.__dict__.pop("forward", None)
+        self._installed.clear()
+        self._reuse_hooks.clear()
+        base = getattr(type(self.pipe), "_fastdiff_base", None)
+        if base is not None and self.pipe.__dict__.get(ATTRIBUTE) is self:
+            self.pipe.__class__ = base
+        if self.pipe.__dict__.get(ATTRIBUTE) is self:
+            del self.pipe.__dict__[ATTRIBUTE]
+        _invalidate_registry_cache(self.denoiser)
+
+    def remove(self) -> None:
+        """Take every hook off; the pipeline then produces exactly what it produced before ``apply``."""
+        if self.clock.active:
+            raise RuntimeError("remove() called during a pipeline call")
+        self._detach()
+        self._attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    # -- runtime: called by the hooks -----------------------------------------------------
+    @contextlib.contextmanager
+    def pipeline_call(self) -> Iterator[None]:
+        if self.clock.active:  # a pipeline calling itself: the outer call owns the clock
+            yield
+            return
+        scheduler = getattr(self.pipe, "scheduler", None)
+        observed = _observe_steps(scheduler, self.clock)
+        self.clock.begin_call()
+        self._plan = None
+        try:
+            yield
+        finally:
+            self.clock.end_call()
+            if observed is not None:
+                scheduler.__dict__.pop("step", None)
+            for hook in self._reuse_hooks:
+                hook.clear()
+            self._counter = None
+
+    def denoiser_started(self, args: tuple, kwargs: dict) -> None:
+        clock = self.clock
+        clock.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if self._plan is None:
+            steps = steps_announced(getattr(self.pipe, "scheduler", None)) or self.default_steps
+            clock.num_steps = steps
+            self._last_steps = steps
+            self._plan = self.plan_for(steps)
+
+    def denoiser_finished(self, seconds: float, counter: FlopCounterMode | None) -> None:
+        clock = self.clock
+        flops = counter.get_total_flops() if counter is not None else None
+        self._counter = None
+        self.ledger.record_step(clock.call_index, clock.step, _as_float(clock.timestep), seconds, flops)
+
+    def flop_counter(self) -> FlopCounterMode | None:
+        self._counter = FlopCounterMode(display=False, depth=0) if self.count_flops else None
+        return self._counter
+
+    def flops_so_far(self) -> int | None:
+        """Running FLOP total of the denoiser call in progress; hooks difference it around a module."""
+        return None if self._counter is None else self._counter.get_total_flops()
+
+    def decision(self, path: str) -> Decision:
+        plan = self._plan
+        return Decision.COMPUTE if plan is None else plan.decision(path, self.clock.step)
+
+    def keeps_output(self, path: str) -> bool:
+        return self._plan is not None and self._plan.reuses(path)
+
+    def module_finished(self, hook: ReuseHook, decision: Decision, seconds: float, flops: int | None) -> None:
+        event = ModuleEvent(self.clock.call_index, self.clock.step, hook.path, hook.method, decision, seconds)
+        if decision is Decision.COMPUTE:
+            event.flops = flops
+        elif self.count_flops:
+            event.flops_saved = hook.cached_flops
+        self.ledger.modules.append(event)
+
+    def __repr__(self) -> str:
+        methods = ", ".join(m.spec() for m in self.methods) or "no methods"
+        return f"Accelerator({type(self.pipe).__name__}.{self.denoiser_name}: {methods})"
+
+
+def _observe_steps(scheduler: Any, clock: StepClock) -> Any:
+    """Shadow ``scheduler.step`` for one call so each loop iteration advances the clock."""
+    if scheduler is None or "step" in getattr(scheduler, "__dict__", {}):
+        return None
+    original = scheduler.step
+
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        output = original(*args, **kwargs)
+        clock.advance()
+        return output
+
+    scheduler.__dict__["step"] = step
+    return step
+
+
+def _default_steps(pipe: Any) -> int:
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    if parameter is not None and isinstance(parameter.default, int):
+        return parameter.default
+    return 50
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0])
+    return float(value)
+
+
+def _invalidate_registry_cache(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
+
+
+def apply(pipe: DiffusionPipeline, *methods: Method, count_flops: bool = False) -> Accelerator:
+    """Accelerate ``pipe`` in place with ``methods``; returns the handle (also ``pipe.acceleration``).
+
+    Nothing is changed unless everything validates and installs: on error the pipeline is as it was.
+    """
+    for i, method in enumerate(methods):
+        if not isinstance(method, Method):
+            raise TypeError(
+                f"methods[{i}]: expected a fastdiff method such as fastdiff.DeepCache(...), "
+                f"got {type(method).__name__}"
+            )
+    accelerator = Accelerator(pipe, methods, count_flops=count_flops)
+    accelerator.attach()
+    return accelerator

@@ -1,0 +1,116 @@
+"""The two diffusers hooks the engine installs: one on the denoiser, one per claimed module.
+
+Both are ``diffusers.hooks.ModelHook`` subclasses registered through ``HookRegistry`` so they
+stack with diffusers' own hooks (offloading, its caches) and come off cleanly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .plan import Decision
+
+if TYPE_CHECKING:
+    from .accelerator import Accelerator
+
+CLOCK_HOOK = "fastdiff.clock"
+REUSE_HOOK = "fastdiff.reuse"
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes, dtypes and devices of the tensor inputs: a cached output is valid only for the same."""
+    parts: list[Any] = []
+
+    def visit(name: Any, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    parts.append(((name, i), tuple(item.shape), item.dtype, item.device))
+
+    for i, value in enumerate(args):
+        visit(i, value)
+    for key, value in kwargs.items():
+        visit(key, value)
+    return tuple(parts)
+
+
+class DenoiserClockHook(ModelHook):
+    """Tells the engine a denoiser call is starting and what it cost; counts FLOPs when asked."""
+
+    def __init__(self, runtime: Accelerator) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        runtime = self.runtime
+        forward = self.fn_ref.original_forward
+        if not runtime.clock.active:
+            return forward(*args, **kwargs)
+        runtime.denoiser_started(args, kwargs)
+        counter = runtime.flop_counter()
+        start = time.perf_counter()
+        if counter is None:
+            output = forward(*args, **kwargs)
+        else:
+            with counter:
+                output = forward(*args, **kwargs)
+        runtime.denoiser_finished(time.perf_counter() - start, counter)
+        return output
+
+
+class ReuseHook(ModelHook):
+    """Executes the plan for one module: compute (and keep), return the kept output, or pass through.
+
+    Only the latest computed output is kept, with the signature of the inputs that produced it;
+    a REUSE whose inputs changed shape (another batch size or resolution) computes instead.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, runtime: Accelerator, path: str, method: str) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.path = path
+        self.method = method
+        self.cached: Any = None
+        self.cached_signature: tuple | None = None
+        self.cached_flops: int | None = None
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.clear()
+        return module
+
+    def clear(self) -> None:
+        self.cached = None
+        self.cached_signature = None
+        self.cached_flops = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        runtime = self.runtime
+        forward = self.fn_ref.original_forward
+        if not runtime.clock.active:
+            return forward(*args, **kwargs)
+        decision = runtime.decision(self.path)
+        signature = input_signature(args, kwargs)
+        start = time.perf_counter()
+        flops = None
+        if decision is Decision.REUSE and self.cached_signature == signature:
+            output = self.cached
+        elif decision is Decision.SKIP:
+            output = args[0] if args else next(iter(kwargs.values()))
+        else:
+            decision = Decision.COMPUTE
+            before = runtime.flops_so_far()
+            output = forward(*args, **kwargs)
+            if before is not None:
+                flops = runtime.flops_so_far() - before
+            if runtime.keeps_output(self.path):
+                self.cached, self.cached_signature, self.cached_flops = output, signature, flops
+        runtime.module_finished(self, decision, time.perf_counter() - start, flops)
+        return output

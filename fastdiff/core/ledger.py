@@ -1,0 +1,198 @@
+"""What actually happened, as opposed to what the plan said would.
+
+Tests assert on it (exact decision counts), benchmarks print it (FLOPs and time saved).
+FLOPs are only known when counting was asked for, because counting slows every operator.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .plan import Decision
+
+
+@dataclass
+class ModuleEvent:
+    """One hooked module call."""
+
+    call: int
+    step: int
+    module: str
+    method: str
+    decision: Decision
+    seconds: float
+    flops: int | None = None
+    flops_saved: int | None = None
+
+
+@dataclass
+class StepEvent:
+    """One denoising step: every denoiser call made during it, summed."""
+
+    call: int
+    step: int
+    timestep: float | None
+    seconds: float = 0.0
+    denoiser_calls: int = 0
+    flops: int | None = None
+
+
+@dataclass
+class Ledger:
+    modules: list[ModuleEvent] = field(default_factory=list)
+    steps: list[StepEvent] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.modules.clear()
+        self.steps.clear()
+
+    def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None) -> None:
+        last = self.steps[-1] if self.steps else None
+        if last is not None and last.call == call and last.step == step:
+            last.seconds += seconds
+            last.denoiser_calls += 1
+            if flops is not None:
+                last.flops = (last.flops or 0) + flops
+            return
+        self.steps.append(StepEvent(call, step, timestep, seconds, 1, flops))
+
+    @property
+    def calls(self) -> list[int]:
+        return sorted({s.call for s in self.steps} | {m.call for m in self.modules})
+
+    def report(self, call: int | None = -1) -> Report:
+        """Summary of one pipeline call (default: the last), or of all calls with ``call=None``."""
+        calls = self.calls
+        if call is not None and calls:
+            chosen = {calls[call]} if call < 0 else {call}
+        else:
+            chosen = set(calls)
+        steps = [s for s in self.steps if s.call in chosen]
+        events = [m for m in self.modules if m.call in chosen]
+        per_module: dict[str, ModuleStats] = {}
+        for event in events:
+            stats = per_module.setdefault(event.module, ModuleStats(event.module, event.method))
+            stats.add(event)
+        saved_by_step: dict[tuple[int, int], int] = defaultdict(int)
+        for event in events:
+            if event.flops_saved:
+                saved_by_step[(event.call, event.step)] += event.flops_saved
+        counted = bool(steps) and all(s.flops is not None for s in steps)
+        flops_run = sum(s.flops or 0 for s in steps) if counted else None
+        flops_saved = sum(saved_by_step.values()) if counted else None
+        return Report(
+            calls=len(chosen),
+            steps=[
+                StepSummary(s.call, s.step, s.timestep, s.seconds, s.denoiser_calls, s.flops,
+                            saved_by_step.get((s.call, s.step), 0) if counted else None)
+                for s in steps
+            ],
+            modules=list(per_module.values()),
+            denoiser_seconds=sum(s.seconds for s in steps),
+            flops_run=flops_run,
+            flops_saved=flops_saved,
+        )
+
+
+@dataclass
+class ModuleStats:
+    module: str
+    method: str
+    computed: int = 0
+    reused: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    flops_saved: int = 0
+
+    def add(self, event: ModuleEvent) -> None:
+        if event.decision is Decision.COMPUTE:
+            self.computed += 1
+        elif event.decision is Decision.REUSE:
+            self.reused += 1
+        else:
+            self.skipped += 1
+        self.seconds += event.seconds
+        self.flops_saved += event.flops_saved or 0
+
+
+@dataclass
+class StepSummary:
+    call: int
+    step: int
+    timestep: float | None
+    seconds: float
+    denoiser_calls: int
+    flops_run: int | None
+    flops_saved: int | None
+
+
+def _flops(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return str(value)
+
+
+@dataclass
+class Report:
+    """Per-call totals plus per-step and per-module breakdowns; ``print`` gives a table."""
+
+    calls: int
+    steps: list[StepSummary]
+    modules: list[ModuleStats]
+    denoiser_seconds: float
+    flops_run: int | None
+    flops_saved: int | None
+
+    @property
+    def module_calls(self) -> int:
+        return sum(m.computed + m.reused + m.skipped for m in self.modules)
+
+    @property
+    def module_calls_avoided(self) -> int:
+        return sum(m.reused + m.skipped for m in self.modules)
+
+    @property
+    def flop_ratio(self) -> float | None:
+        """Vanilla FLOPs over FLOPs actually run: the speedup a perfect engine would reach."""
+        if not self.flops_run:
+            return None
+        return (self.flops_run + (self.flops_saved or 0)) / self.flops_run
+
+    def summary(self) -> str:
+        parts = [
+            f"{len(self.steps)} steps",
+            f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped",
+        ]
+        if self.flops_run is not None:
+            total = self.flops_run + (self.flops_saved or 0)
+            share = (self.flops_saved or 0) / total if total else 0.0
+            parts.append(
+                f"denoiser FLOPs {_flops(self.flops_run)} run, {_flops(self.flops_saved)} saved "
+                f"({share:.0%}; ideal speedup {self.flop_ratio:.2f}x)"
+            )
+        parts.append(f"denoiser time {self.denoiser_seconds:.2f} s")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        lines = [f"fastdiff report ({self.calls} call{'s' if self.calls != 1 else ''}): {self.summary()}"]
+        if self.steps:
+            lines.append(f"{'step':>5} {'timestep':>9} {'calls':>5} {'seconds':>8} {'FLOPs run':>11} {'saved':>11}")
+            for s in self.steps:
+                ts = "" if s.timestep is None else f"{s.timestep:.1f}"
+                lines.append(
+                    f"{s.step:>5} {ts:>9} {s.denoiser_calls:>5} {s.seconds:>8.3f} "
+                    f"{_flops(s.flops_run):>11} {_flops(s.flops_saved):>11}"
+                )
+        if self.modules:
+            width = max(len(m.module) for m in self.modules)
+            lines.append(f"{'module':<{width}} {'method':<10} {'compute':>7} {'reuse':>6} {'skip':>5} {'FLOPs saved':>12}")
+            for m in self.modules:
+                lines.append(
+                    f"{m.module:<{width}} {m.method:<10} {m.computed:>7} {m.reused:>6} {m.skipped:>5} "
+                    f"{_flops(m.flops_saved if self.flops_run is not None else None):>12}"
+                )
+        return "\n".join(lines)

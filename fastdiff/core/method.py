@@ -1,0 +1,99 @@
+"""The contract every acceleration method fulfils, and the ``name:key=value`` spec syntax.
+
+A method is a dataclass of its parameters. It never touches a pipeline itself: it names the
+denoiser modules it claims and the decision for each step, and the engine does the rest. That
+is what makes composition checkable and removal exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from .plan import Decision
+
+METHODS: dict[str, type[Method]] = {}
+
+
+class Method:
+    """Base class: subclasses set ``spec_name`` and implement ``modules`` and ``schedule``."""
+
+    spec_name: ClassVar[str] = ""
+    spec_keys: ClassVar[tuple[str, ...]] = ()  # parameters always shown in spec(), even at default
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.spec_name:
+            METHODS[cls.spec_name] = cls
+
+    @property
+    def name(self) -> str:
+        return self.spec_name or type(self).__name__
+
+    def modules(self, denoiser: torch.nn.Module) -> list[str]:
+        """Paths (as in ``named_modules``) this method claims; raises if the denoiser is unsupported."""
+        raise NotImplementedError
+
+    def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
+        """The decision for each claimed module at each of ``num_steps`` steps."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """The inverse of :func:`parse_method`."""
+        values = ",".join(
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default or f.name in self.spec_keys
+        )
+        return f"{self.spec_name}:{values}" if values else self.spec_name
+
+
+def _coerce(text: str, annotation: Any, where: str) -> Any:
+    hint = annotation
+    if isinstance(hint, str):
+        hint = {"int": int, "float": float, "bool": bool, "str": str}.get(hint.split("|")[0].strip(), str)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        hint = options[0]
+    try:
+        if hint is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if hint in (int, float, str):
+            return hint(text)
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a valid {hint.__name__}") from None
+    return text
+
+
+def parse_method(spec: str) -> Method:
+    """Build a method from ``name`` or ``name:key=value,key=value`` (the CLI's ``--method``)."""
+    name, _, params = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"--method {spec!r}: unknown method {name!r}; allowed: {sorted(METHODS)}")
+    cls = METHODS[name]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in params.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--method {spec!r}: expected key=value, got {item!r}")
+        if key not in fields:
+            raise ValueError(f"--method {spec!r}: {name} has no parameter {key!r}; allowed: {sorted(fields)}")
+        kwargs[key] = _coerce(value.strip(), fields[key], f"--method {spec!r}, {key}")
+    return cls(**kwargs)

@@ -1,0 +1,5 @@
+"""Measuring what acceleration buys and what it costs."""
+
+from .bench import BenchResult, RunStats, benchmark, psnr
+
+__all__ = ["BenchResult", "RunStats", "benchmark", "psnr"]

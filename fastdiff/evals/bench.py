@@ -1,0 +1,160 @@
+"""Side-by-side speed measurement against the same pipeline with nothing applied.
+
+Vanilla and accelerated runs alternate in one process on one pipeline object (``apply`` and
+``remove`` between them), so both see the same weights, allocator state, thermal state and
+background load; the medians are then comparable. FLOPs are counted in separate, untimed
+runs because counting slows every operator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..core.accelerator import apply
+from ..core.method import Method
+from ..runner import GenerationRequest, call_kwargs
+
+
+@dataclass
+class RunStats:
+    times_s: list[float]
+    median_s: float
+    peak_memory_bytes: int | None
+    pipeline_flops: int
+    denoiser_flops: int
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    request: dict[str, Any]
+    methods: list[str]
+    vanilla: RunStats
+    accelerated: RunStats
+    speedup: float
+    flop_ratio: float
+    denoiser_flop_ratio: float
+    max_abs_diff: float
+    psnr_db: float
+    report: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        v, a = self.vanilla, self.accelerated
+        mem = lambda s: "n/a" if s.peak_memory_bytes is None else f"{s.peak_memory_bytes / 2**20:.0f} MiB"  # noqa: E731
+        return "\n".join([
+            f"model {self.model} on {self.device} ({self.dtype}), {self.request}",
+            f"methods: {', '.join(self.methods) or 'none'}",
+            f"{'':12} {'median s':>9} {'peak mem':>10} {'pipeline FLOPs':>15}",
+            f"{'vanilla':12} {v.median_s:>9.3f} {mem(v):>10} {v.pipeline_flops / 1e9:>13.1f} G",
+            f"{'accelerated':12} {a.median_s:>9.3f} {mem(a):>10} {a.pipeline_flops / 1e9:>13.1f} G",
+            f"speedup {self.speedup:.2f}x (wall clock)   FLOP ratio {self.flop_ratio:.2f}x (ideal; denoiser "
+            f"alone {self.denoiser_flop_ratio:.2f}x)",
+            f"fidelity to vanilla: max |diff| {self.max_abs_diff:.4f}, PSNR {self.psnr_db:.2f} dB",
+            f"ledger: {self.report}",
+        ])
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(pipe: DiffusionPipeline, request: GenerationRequest) -> tuple[float, int | None, np.ndarray]:
+    device = pipe.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    images = pipe(**call_kwargs(pipe, request), output_type="np").images
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return elapsed, peak, np.asarray(images)
+
+
+def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> tuple[int, int, str]:
+    """Whole-pipeline and denoiser FLOPs of one call, plus the ledger summary."""
+    accelerator = apply(pipe, *methods, count_flops=True)
+    try:
+        with FlopCounterMode(display=False, depth=0) as counter:
+            pipe(**call_kwargs(pipe, request), output_type="np")
+        report = accelerator.report()
+    finally:
+        accelerator.remove()
+    return counter.get_total_flops(), report.flops_run or 0, report.summary()
+
+
+def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest, *,
+              model: str = "", warmup: int = 1, repeats: int = 3) -> BenchResult:
+    """Alternate vanilla and accelerated calls; medians, FLOP ratios and fidelity of the outputs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    pipe.set_progress_bar_config(disable=True)
+    times: dict[str, list[float]] = {"vanilla": [], "accelerated": []}
+    peaks: dict[str, int | None] = {"vanilla": None, "accelerated": None}
+    images: dict[str, np.ndarray] = {}
+    for i in range(warmup + repeats):
+        for kind in ("vanilla", "accelerated"):
+            accelerator = apply(pipe, *methods) if kind == "accelerated" else None
+            try:
+                elapsed, peak, out = _timed(pipe, request)
+            finally:
+                if accelerator is not None:
+                    accelerator.remove()
+            images[kind] = out
+            if i >= warmup:
+                times[kind].append(elapsed)
+                if peak is not None:
+                    peaks[kind] = max(peaks[kind] or 0, peak)
+    vanilla_flops, vanilla_denoiser, _ = _counted(pipe, [], request)
+    accel_flops, accel_denoiser, summary = _counted(pipe, methods, request)
+    stats = {
+        kind: RunStats(times[kind], statistics.median(times[kind]), peaks[kind], flops, denoiser)
+        for kind, flops, denoiser in (
+            ("vanilla", vanilla_flops, vanilla_denoiser), ("accelerated", accel_flops, accel_denoiser)
+        )
+    }
+    diff = np.abs(images["vanilla"].astype(np.float64) - images["accelerated"].astype(np.float64))
+    return BenchResult(
+        model=model,
+        device=str(pipe.device),
+        dtype=str(pipe.dtype).removeprefix("torch."),
+        request=asdict(request),
+        methods=[m.spec() for m in methods],
+        vanilla=stats["vanilla"],
+        accelerated=stats["accelerated"],
+        speedup=stats["vanilla"].median_s / stats["accelerated"].median_s,
+        flop_ratio=vanilla_flops / max(accel_flops, 1),
+        denoiser_flop_ratio=vanilla_denoiser / max(accel_denoiser, 1),
+        max_abs_diff=float(diff.max()),
+        psnr_db=psnr(images["vanilla"], images["accelerated"]),
+        report=summary,
+        notes=[f"torch {torch.__version__}", f"threads {torch.get_num_threads()}"],
+    )
+
+
+def write(result: BenchResult, path: str | Path) -> None:
+    Path(path).write_text(result.to_json())

@@ -1,0 +1,632 @@
+"""Built-in diffusers pipelines with deterministic random weights.
+
+Nothing can be downloaded here, yet every method must be exercised on the pipelines users
+actually run. So each built-in is the *real* diffusers pipeline class with real component
+classes, only small (or, for `sd15-arch`, with the real SD 1.5 UNet shape and random weights
+so speed can be measured). Weights depend only on the seed, so tests and benchmarks are
+reproducible, and a built-in saves and reloads like any hub model.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from .tokenizers import clip_tokenizer, t5_tokenizer
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "ModelLoadError",
+    "SD15_UNET_CONFIG",
+    "build_builtin",
+    "builtin_info",
+    "default_size",
+    "is_builtin",
+    "load_pipeline",
+]
+
+# Stable Diffusion 1.5's scheduler: methods are compared on the timesteps users really sample.
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+# SDXL base samples with Euler on the same betas.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+}
+
+# PixArt-alpha and DiT were trained with linear betas (the original DDPM schedule).
+PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+}
+
+DIT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+}
+
+# The UNet of runwayml/stable-diffusion-v1-5 (860M parameters), written out rather than
+# relying on diffusers' defaults, which differ (cross_attention_dim 1280, sample_size None).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+# A few real ImageNet classes, so DiT's `get_label_ids` works with familiar names.
+DIT_LABELS: dict[int, str] = {
+    0: "tench",
+    1: "goldfish",
+    88: "macaw",
+    207: "golden retriever",
+    279: "arctic fox",
+    281: "tabby cat",
+    360: "otter",
+    417: "balloon",
+    980: "volcano",
+}
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+SD_VAE_SCALING = 0.18215
+SDXL_VAE_SCALING = 0.13025
+
+
+class ModelLoadError(OSError, ValueError):
+    """A `model` argument that names nothing loadable.
+
+    Subclasses both `OSError` (what `from_pretrained` raises for missing files) and
+    `ValueError` (what it raises for malformed ids), so callers catching either still work.
+    """
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """What a built-in is and how it is meant to be called.
+
+    Benchmarks and the CLI need a sensible size and step count per model without knowing the
+    model; keeping them next to the builder keeps them in sync.
+    """
+
+    name: str
+    pipeline_class: str
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    description: str
+    builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
+    takes_size: bool = True
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the pipeline call (DiT has a fixed size, so no height/width)."""
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        if self.takes_size:
+            kwargs.update(height=self.height, width=self.width)
+        return kwargs
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+def _component_seed(seed: int, component: str) -> int:
+    """Give every component its own stream, so resizing one never changes another's weights."""
+    return (seed * 1_000_003 + zlib.crc32(component.encode())) % (2**63)
+
+
+@contextmanager
+def _seeded(seed: int, component: str) -> Iterator[None]:
+    """Seed weight init without disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_component_seed(seed, component))
+        yield
+
+
+def _ready(module: ModuleT) -> ModuleT:
+    """Inference mode, as `from_pretrained` leaves it: dropout (T5 has some) must be off."""
+    return module.eval()
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _clip_text_encoder(
+    seed: int,
+    component: str,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    projection_dim: int | None = None,
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text tower over the byte-level vocabulary; with a projection for SDXL's second encoder."""
+    tokenizer = clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim or hidden_size,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    with _seeded(seed, component):
+        return _ready(model_class(config))
+
+
+def _vae(
+    seed: int,
+    *,
+    block_out_channels: tuple[int, ...],
+    norm_num_groups: int,
+    scaling_factor: float,
+    sample_size: int,
+) -> AutoencoderKL:
+    """A 4-level VAE: the real latent scale factor (8) and 4 latent channels, at a fraction of the cost."""
+    levels = len(block_out_channels)
+    with _seeded(seed, "vae"):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=norm_num_groups,
+            sample_size=sample_size,
+            scaling_factor=scaling_factor,
+        )
+    return _ready(vae)
+
+
+def _tiny_vae(seed: int, scaling_factor: float = SD_VAE_SCALING, sample_size: int = 64) -> AutoencoderKL:
+    return _vae(
+        seed,
+        block_out_channels=(8, 16, 16, 16),
+        norm_num_groups=8,
+        scaling_factor=scaling_factor,
+        sample_size=sample_size,
+    )
+
+
+def _unet(seed: int, config: Mapping[str, Any]) -> UNet2DConditionModel:
+    with _seeded(seed, "unet"):
+        return _ready(UNet2DConditionModel(**config))
+
+
+# --------------------------------------------------------------------------- pipelines
+
+# layers_per_block=2 as in real SD: DeepCache-style methods pick a skip branch inside a block.
+TINY_SD_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "attention_head_dim": 4,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 32,
+}
+
+# SDXL's conditioning: two text encoders concatenated (32 + 32) for cross-attention, and the
+# pooled projection (32) plus six size/crop numbers embedded at 8 each for "text_time".
+TINY_SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "attention_head_dim": (2, 4),
+    "transformer_layers_per_block": (1, 2),
+    "use_linear_projection": True,
+    "cross_attention_dim": 64,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "norm_num_groups": 32,
+}
+
+
+def _tiny_clip(
+    seed: int, component: str, projection_dim: int | None = None
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    return _clip_text_encoder(
+        seed,
+        component,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        projection_dim=projection_dim,
+    )
+
+
+def _stable_diffusion(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, vae: AutoencoderKL
+) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _build_tiny_sd(seed: int) -> StableDiffusionPipeline:
+    return _stable_diffusion(
+        _unet(seed, TINY_SD_UNET_CONFIG),
+        _tiny_clip(seed, "text_encoder"),
+        _tiny_vae(seed),
+    )
+
+
+def _build_sd15_arch(seed: int) -> StableDiffusionPipeline:
+    """SD 1.5's UNet (where the time goes) with a cheap text encoder and VAE around it."""
+    text_encoder = _clip_text_encoder(
+        seed, "text_encoder", hidden_size=768, num_layers=2, num_heads=12, intermediate_size=1024
+    )
+    vae = _vae(
+        seed,
+        block_out_channels=(32, 32, 64, 64),
+        norm_num_groups=32,
+        scaling_factor=SD_VAE_SCALING,
+        sample_size=512,
+    )
+    return _stable_diffusion(_unet(seed, SD15_UNET_CONFIG), text_encoder, vae)
+
+
+def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(seed, scaling_factor=SDXL_VAE_SCALING),
+        text_encoder=_tiny_clip(seed, "text_encoder"),
+        text_encoder_2=_tiny_clip(seed, "text_encoder_2", projection_dim=32),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(),
+        unet=_unet(seed, TINY_SDXL_UNET_CONFIG),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _tiny_t5(seed: int, vocab_size: int) -> T5EncoderModel:
+    """A T5 v1.1-style encoder (gated GELU, as PixArt's T5-XXL) with dropout off."""
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with _seeded(seed, "text_encoder"):
+        return _ready(T5EncoderModel(config))
+
+
+def _build_tiny_pixart(seed: int) -> PixArtAlphaPipeline:
+    """sample_size 32: PixArt only accepts 32, 64 or 128 with resolution binning (its default)."""
+    tokenizer = t5_tokenizer()
+    with _seeded(seed, "transformer"):
+        transformer = PixArtTransformer2DModel(
+            sample_size=32,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=3,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=24,
+            caption_channels=32,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            num_embeds_ada_norm=1000,
+        )
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_t5(seed, len(tokenizer)),
+        vae=_tiny_vae(seed, sample_size=256),
+        transformer=_ready(transformer),
+        scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER_CONFIG),
+    )
+
+
+def _build_tiny_dit(seed: int) -> DiTPipeline:
+    """num_embeds_ada_norm stays 1000: DiTPipeline hard-codes class 1000 as the null label."""
+    with _seeded(seed, "transformer"):
+        transformer = DiTTransformer2DModel(
+            sample_size=8,
+            num_layers=2,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            in_channels=4,
+            out_channels=8,
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_zero",
+            norm_elementwise_affine=False,
+        )
+    pipe = DiTPipeline(
+        transformer=_ready(transformer),
+        vae=_tiny_vae(seed),
+        scheduler=DDIMScheduler(**DIT_SCHEDULER_CONFIG),
+        id2label=DIT_LABELS,
+    )
+    # Not registered by DiTPipeline itself; without it the labels are lost on save_pretrained.
+    pipe.register_to_config(id2label=DIT_LABELS)
+    return pipe
+
+
+_REGISTRY: dict[str, BuiltinModel] = {
+    spec.name: spec
+    for spec in (
+        BuiltinModel(
+            name="tiny-sd",
+            pipeline_class="StableDiffusionPipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=7.5,
+            description="Stable Diffusion 1.x layout, tiny (UNet 32/64 channels, 2 layers per block).",
+            builder=_build_tiny_sd,
+        ),
+        BuiltinModel(
+            name="tiny-sdxl",
+            pipeline_class="StableDiffusionXLPipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            description="SDXL layout with both text encoders and text_time conditioning, tiny.",
+            builder=_build_tiny_sdxl,
+        ),
+        BuiltinModel(
+            name="tiny-pixart",
+            pipeline_class="PixArtAlphaPipeline",
+            height=256,
+            width=256,
+            num_inference_steps=20,
+            guidance_scale=4.5,
+            description="PixArt-alpha transformer with a T5 encoder, tiny; 256 px: its smallest binned size.",
+            builder=_build_tiny_pixart,
+        ),
+        BuiltinModel(
+            name="tiny-dit",
+            pipeline_class="DiTPipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=4.0,
+            description="Class-conditional DiT, tiny, with a few ImageNet labels.",
+            takes_size=False,
+            builder=_build_tiny_dit,
+        ),
+        BuiltinModel(
+            name="sd15-arch",
+            pipeline_class="StableDiffusionPipeline",
+            height=256,
+            width=256,
+            num_inference_steps=25,
+            guidance_scale=7.5,
+            description="The exact SD 1.5 UNet (860M parameters, random weights) for speed benchmarks.",
+            builder=_build_sd15_arch,
+        ),
+    )
+}
+
+BUILTIN_MODELS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def is_builtin(model: str | os.PathLike[str]) -> bool:
+    return isinstance(model, str) and model in _REGISTRY
+
+
+def builtin_info(model: str) -> BuiltinModel:
+    """Metadata of a built-in; raises the same error as `build_builtin` for unknown names."""
+    try:
+        return _REGISTRY[model]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"model={model!r} is not a built-in model; choose one of: {', '.join(BUILTIN_MODELS)}"
+        ) from None
+
+
+def default_size(model: str) -> tuple[int, int]:
+    """Recommended (height, width): the sizes the built-in was shaped for."""
+    info = builtin_info(model)
+    return info.height, info.width
+
+
+def build_builtin(
+    name: str,
+    *,
+    seed: int = 0,
+    torch_dtype: torch.dtype = torch.float32,
+) -> DiffusionPipeline:
+    """Build a built-in pipeline; the same seed gives bit-identical weights."""
+    pipe = builtin_info(name).builder(seed)
+    if torch_dtype != torch.float32:
+        _cast(pipe, torch_dtype)
+    return pipe
+
+
+def _cast(pipe: DiffusionPipeline, dtype: torch.dtype) -> None:
+    """Cast module by module, as `from_pretrained(torch_dtype=...)` would.
+
+    `DiffusionPipeline.to(dtype)` warns about float32-kept modules even when there are none.
+    """
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            torch.nn.Module.to(component, dtype=dtype)
+            if dtype == torch.float16:
+                _keep_in_float32(component)
+
+
+def _keep_in_float32(model: torch.nn.Module) -> None:
+    """Modules a model marks as overflowing in float16 (T5's `wo`) stay float32, as on load."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, module in model.named_modules():
+        if keep.intersection(name.split(".")):
+            module.to(dtype=torch.float32)
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else was meant as a path, and must not reach
+    the hub, where it would fail with a confusing id-validation error."""
+    return (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or (os.sep != "/" and os.sep in model)
+    )
+
+
+def _from_pretrained(model: str, kind: str, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    try:
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
+    except Exception as exc:  # hub/files errors come in many types; one clear one for callers
+        raise ModelLoadError(
+            f"model={model!r}: could not load it as {kind} ({type(exc).__name__}: {exc}). "
+            f"Built-in models (no download needed): {', '.join(BUILTIN_MODELS)}"
+        ) from exc
+
+
+def load_pipeline(
+    model: str | os.PathLike[str],
+    *,
+    torch_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    **from_pretrained_kwargs: Any,
+) -> DiffusionPipeline:
+    """Resolve `model` the way a user means it: built-in name, local directory, then hub id.
+
+    `seed` only applies to built-ins (their weights); `from_pretrained_kwargs` only to saved
+    pipelines, so passing them for a built-in is an error rather than silently ignored.
+    """
+    if is_builtin(model):
+        if from_pretrained_kwargs:
+            raise TypeError(
+                f"model={model!r} is built in; from_pretrained arguments do not apply: "
+                f"{', '.join(sorted(from_pretrained_kwargs))}"
+            )
+        return build_builtin(str(model), seed=seed, torch_dtype=torch_dtype or torch.float32)
+    kwargs = dict(from_pretrained_kwargs)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    path = Path(os.path.expanduser(os.fspath(model)))
+    if path.is_dir():
+        return _from_pretrained(str(path), "a local pipeline directory", kwargs)
+    if not isinstance(model, str) or _looks_like_path(model) or path.exists():
+        raise ModelLoadError(
+            f"model={os.fspath(model)!r} is not a directory containing a saved diffusers pipeline, "
+            f"nor a built-in model ({', '.join(BUILTIN_MODELS)})"
+        )
+    return _from_pretrained(model, "a Hugging Face Hub id", kwargs)
