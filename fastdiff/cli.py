@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
-from .core.accelerator import apply
-from .core.method import METHODS, Method, parse_method
-from .models import BUILTIN_MODELS
+# transformers announces, once per image-processor class, that it falls back to PIL when
+# torchvision is absent (always, with the CPU torch); on a command line that is only noise.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+from . import __version__  # noqa: E402
+from .core.accelerator import apply  # noqa: E402
+from .core.method import METHODS, Method, parse_method  # noqa: E402
+from .models import BUILTIN_MODELS  # noqa: E402
 
 DEFAULT_MODEL = "tiny-sd"
 

@@ -153,3 +153,45 @@ def test_report_text_and_summary(sd_pipe):
     assert "ideal speedup" in acc.report().summary()
     assert acc.report(call=None).calls == 2
     assert sum(m.reused for m in acc.report(call=None).modules) == 2 * sum(m.reused for m in acc.report().modules)
+
+
+def test_ledger_keeps_a_bounded_history(sd_pipe):
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=2))
+    acc.ledger.max_calls = 2
+    for _ in range(4):
+        run(sd_pipe, steps=2)
+    assert acc.ledger.calls == [2, 3]
+    assert {e.call for e in acc.ledger.modules} == {2, 3}
+
+
+def test_hooks_added_after_apply_survive_remove(sd_pipe):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    seen = []
+
+    class Spy(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            seen.append(1)
+            return args, kwargs
+
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=2))
+    HookRegistry.check_if_exists_or_initialize(sd_pipe.unet.mid_block).register_hook(Spy(), "spy")
+    acc.remove()
+    run(sd_pipe, steps=3)
+    assert len(seen) == 3
+
+
+def test_failed_call_resets_the_clock(sd_pipe):
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=2))
+
+    def stop_midway(pipe, step, timestep, kwargs):
+        if step == 1:
+            raise RuntimeError("interrupted")
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(sd_pipe, steps=3, callback_on_step_end=stop_midway)
+    assert acc.ledger.steps[-1].step == 1
+    assert not acc.clock.active and "step" not in sd_pipe.scheduler.__dict__
+    run(sd_pipe, steps=4)
+    assert acc.report().modules[0].reused == 2

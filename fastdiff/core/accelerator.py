@@ -167,7 +167,9 @@ class Accelerator:
             if registry is None:
                 continue
             registry.remove_hook(item.hook_name, recurse=False)
-            if item.created_registry and not registry.hooks:
+            if registry.hooks:  # someone else's hooks remain: their forward chain stays as it is
+                continue
+            if item.created_registry:
                 del item.module._diffusers_hook
             if not item.had_forward:
                 item.module.__dict__.pop("forward", None)
@@ -200,6 +202,7 @@ class Accelerator:
         scheduler = getattr(self.pipe, "scheduler", None)
         observed = _observe_steps(scheduler, self.clock)
         self.clock.begin_call()
+        self.ledger.start_call(self.clock.call_index)
         self._plan = None
         try:
             yield

@@ -40,12 +40,23 @@ class StepEvent:
 
 @dataclass
 class Ledger:
+    """Events of the most recent ``max_calls`` pipeline calls (older ones are dropped, so a
+    long-running service does not grow without bound)."""
+
     modules: list[ModuleEvent] = field(default_factory=list)
     steps: list[StepEvent] = field(default_factory=list)
+    max_calls: int = 64
 
     def clear(self) -> None:
         self.modules.clear()
         self.steps.clear()
+
+    def start_call(self, call: int) -> None:
+        """Make room for ``call``: keep only the calls after ``call - max_calls``."""
+        oldest = call - self.max_calls + 1
+        if (self.steps and self.steps[0].call < oldest) or (self.modules and self.modules[0].call < oldest):
+            self.steps[:] = [s for s in self.steps if s.call >= oldest]
+            self.modules[:] = [m for m in self.modules if m.call >= oldest]
 
     def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None) -> None:
         last = self.steps[-1] if self.steps else None
