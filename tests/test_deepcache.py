@@ -226,3 +226,16 @@ def test_inpaint(sd_pipe):
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 32, 32, 3)
     assert acc.report().modules[0].reused == 2
+
+
+def test_cache_memory_is_reported(sd_pipe):
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=3))
+    run(sd_pipe, steps=4)
+    held = acc.report().peak_cache_bytes
+    assert held > 0 and "MiB" in acc.report().summary()
+    run(sd_pipe, steps=4, num_images_per_prompt=2)
+    assert acc.report().peak_cache_bytes == 2 * held  # caches scale with the batch
+    acc.remove()
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=1))
+    run(sd_pipe, steps=4)
+    assert acc.report().peak_cache_bytes == 0  # nothing reused, nothing kept

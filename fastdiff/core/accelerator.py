@@ -245,6 +245,9 @@ class Accelerator:
         return self._plan is not None and self._plan.reuses(path)
 
     def module_finished(self, hook: ReuseHook, decision: Decision, seconds: float, flops: int | None) -> None:
+        if decision is Decision.COMPUTE and hook.cached_bytes:
+            held = sum(h.cached_bytes for h in self._reuse_hooks)
+            self.ledger.note_cache_bytes(self.clock.call_index, held)
         event = ModuleEvent(self.clock.call_index, self.clock.step, hook.path, hook.method, decision, seconds)
         if decision is Decision.COMPUTE:
             event.flops = flops

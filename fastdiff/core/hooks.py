@@ -40,6 +40,19 @@ def input_signature(args: tuple, kwargs: dict) -> tuple:
     return tuple(parts)
 
 
+def tensor_bytes(value: Any) -> int:
+    """Memory held by the tensors in a module output (tensor, tuple, list, dict or dataclass)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(value, name)) for name in value.__dataclass_fields__)
+    return 0
+
+
 class DenoiserClockHook(ModelHook):
     """Tells the engine a denoiser call is starting and what it cost; counts FLOPs when asked."""
 
@@ -81,6 +94,7 @@ class ReuseHook(ModelHook):
         self.cached: Any = None
         self.cached_signature: tuple | None = None
         self.cached_flops: int | None = None
+        self.cached_bytes = 0
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.clear()
@@ -90,6 +104,7 @@ class ReuseHook(ModelHook):
         self.cached = None
         self.cached_signature = None
         self.cached_flops = None
+        self.cached_bytes = 0
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
@@ -112,5 +127,6 @@ class ReuseHook(ModelHook):
                 flops = runtime.flops_so_far() - before
             if runtime.keeps_output(self.path):
                 self.cached, self.cached_signature, self.cached_flops = output, signature, flops
+                self.cached_bytes = tensor_bytes(output)
         runtime.module_finished(self, decision, time.perf_counter() - start, flops)
         return output

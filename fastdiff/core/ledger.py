@@ -46,10 +46,16 @@ class Ledger:
     modules: list[ModuleEvent] = field(default_factory=list)
     steps: list[StepEvent] = field(default_factory=list)
     max_calls: int = 64
+    cache_bytes: dict[int, int] = field(default_factory=dict)  # call -> peak bytes kept for reuse
+
+    def note_cache_bytes(self, call: int, held: int) -> None:
+        if held > self.cache_bytes.get(call, 0):
+            self.cache_bytes[call] = held
 
     def clear(self) -> None:
         self.modules.clear()
         self.steps.clear()
+        self.cache_bytes.clear()
 
     def start_call(self, call: int) -> None:
         """Make room for ``call``: keep only the calls after ``call - max_calls``."""
@@ -57,6 +63,7 @@ class Ledger:
         if (self.steps and self.steps[0].call < oldest) or (self.modules and self.modules[0].call < oldest):
             self.steps[:] = [s for s in self.steps if s.call >= oldest]
             self.modules[:] = [m for m in self.modules if m.call >= oldest]
+            self.cache_bytes = {c: b for c, b in self.cache_bytes.items() if c >= oldest}
 
     def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None) -> None:
         last = self.steps[-1] if self.steps else None
@@ -103,6 +110,7 @@ class Ledger:
             denoiser_seconds=sum(s.seconds for s in steps),
             flops_run=flops_run,
             flops_saved=flops_saved,
+            peak_cache_bytes=max((self.cache_bytes.get(c, 0) for c in chosen), default=0),
         )
 
 
@@ -157,6 +165,7 @@ class Report:
     denoiser_seconds: float
     flops_run: int | None
     flops_saved: int | None
+    peak_cache_bytes: int = 0
 
     @property
     def module_calls(self) -> int:
@@ -185,6 +194,8 @@ class Report:
                 f"denoiser FLOPs {_flops(self.flops_run)} run, {_flops(self.flops_saved)} saved "
                 f"({share:.0%}; ideal speedup {self.flop_ratio:.2f}x)"
             )
+        if self.peak_cache_bytes:
+            parts.append(f"cache {self.peak_cache_bytes / 2**20:.1f} MiB")
         parts.append(f"denoiser time {self.denoiser_seconds:.2f} s")
         return "; ".join(parts)
 

@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.accelerator import apply
+from ..core.ledger import Report
 from ..core.method import Method
 from ..runner import GenerationRequest, call_kwargs
 
@@ -34,6 +35,7 @@ class RunStats:
     peak_memory_bytes: int | None
     pipeline_flops: int
     denoiser_flops: int
+    cache_bytes: int
 
 
 @dataclass
@@ -58,13 +60,18 @@ class BenchResult:
 
     def __str__(self) -> str:
         v, a = self.vanilla, self.accelerated
-        mem = lambda s: "n/a" if s.peak_memory_bytes is None else f"{s.peak_memory_bytes / 2**20:.0f} MiB"  # noqa: E731
+        def mem(stats: RunStats) -> str:
+            return "n/a" if stats.peak_memory_bytes is None else f"{stats.peak_memory_bytes / 2**20:.0f} MiB"
+
         return "\n".join([
             f"model {self.model} on {self.device} ({self.dtype}), {self.request}",
             f"methods: {', '.join(self.methods) or 'none'}",
-            f"{'':12} {'median s':>9} {'peak mem':>10} {'pipeline FLOPs':>15}",
-            f"{'vanilla':12} {v.median_s:>9.3f} {mem(v):>10} {v.pipeline_flops / 1e9:>13.1f} G",
-            f"{'accelerated':12} {a.median_s:>9.3f} {mem(a):>10} {a.pipeline_flops / 1e9:>13.1f} G",
+            f"{'':12} {'median s':>9} {'peak mem':>10} {'cache':>10} {'pipeline FLOPs':>15}",
+            *(
+                f"{name:12} {s.median_s:>9.3f} {mem(s):>10} {s.cache_bytes / 2**20:>6.1f} MiB "
+                f"{s.pipeline_flops / 1e9:>13.1f} G"
+                for name, s in (("vanilla", v), ("accelerated", a))
+            ),
             f"speedup {self.speedup:.2f}x (wall clock)   FLOP ratio {self.flop_ratio:.2f}x (ideal; denoiser "
             f"alone {self.denoiser_flop_ratio:.2f}x)",
             f"fidelity to vanilla: max |diff| {self.max_abs_diff:.4f}, PSNR {self.psnr_db:.2f} dB",
@@ -95,8 +102,8 @@ def _timed(pipe: DiffusionPipeline, request: GenerationRequest) -> tuple[float, 
     return elapsed, peak, np.asarray(images)
 
 
-def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> tuple[int, int, str]:
-    """Whole-pipeline and denoiser FLOPs of one call, plus the ledger summary."""
+def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> tuple[int, Report]:
+    """Whole-pipeline FLOPs of one call, and the ledger's report of it."""
     accelerator = apply(pipe, *methods, count_flops=True)
     try:
         with FlopCounterMode(display=False, depth=0) as counter:
@@ -104,7 +111,7 @@ def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: Genera
         report = accelerator.report()
     finally:
         accelerator.remove()
-    return counter.get_total_flops(), report.flops_run or 0, report.summary()
+    return counter.get_total_flops(), report
 
 
 def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest, *,
@@ -129,14 +136,13 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
                 times[kind].append(elapsed)
                 if peak is not None:
                     peaks[kind] = max(peaks[kind] or 0, peak)
-    vanilla_flops, vanilla_denoiser, _ = _counted(pipe, [], request)
-    accel_flops, accel_denoiser, summary = _counted(pipe, methods, request)
+    counted = {"vanilla": _counted(pipe, [], request), "accelerated": _counted(pipe, methods, request)}
     stats = {
-        kind: RunStats(times[kind], statistics.median(times[kind]), peaks[kind], flops, denoiser)
-        for kind, flops, denoiser in (
-            ("vanilla", vanilla_flops, vanilla_denoiser), ("accelerated", accel_flops, accel_denoiser)
-        )
+        kind: RunStats(times[kind], statistics.median(times[kind]), peaks[kind], flops, report.flops_run or 0,
+                       report.peak_cache_bytes)
+        for kind, (flops, report) in counted.items()
     }
+    vanilla_flops, accel_flops = counted["vanilla"][0], counted["accelerated"][0]
     diff = np.abs(images["vanilla"].astype(np.float64) - images["accelerated"].astype(np.float64))
     return BenchResult(
         model=model,
@@ -148,10 +154,10 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
         accelerated=stats["accelerated"],
         speedup=stats["vanilla"].median_s / stats["accelerated"].median_s,
         flop_ratio=vanilla_flops / max(accel_flops, 1),
-        denoiser_flop_ratio=vanilla_denoiser / max(accel_denoiser, 1),
+        denoiser_flop_ratio=stats["vanilla"].denoiser_flops / max(stats["accelerated"].denoiser_flops, 1),
         max_abs_diff=float(diff.max()),
         psnr_db=psnr(images["vanilla"], images["accelerated"]),
-        report=summary,
+        report=counted["accelerated"][1].summary(),
         notes=[f"torch {torch.__version__}", f"threads {torch.get_num_threads()}"],
     )
 
