@@ -27,6 +27,20 @@ def _method(spec: str) -> Method:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _variant(spec: str) -> list[Method]:
+    return [_method(part) for part in spec.split("+") if part.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected step counts >= 1, got {text!r}")
+    return values
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local folder or hub id "
@@ -61,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--json", default="bench.json", help="where to write the JSON result")
+    quality = bench.add_argument_group("quality (digits model)")
+    quality.add_argument("--quality", action="store_true",
+                         help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
+    quality.add_argument("--variant", type=_variant, action="append", default=[], metavar="SPEC[+SPEC]",
+                         help="another method setting to compare, repeatable; '+' composes methods")
+    quality.add_argument("--samples", type=int, default=1000, help="images per setting (default 1000)")
+    quality.add_argument("--baseline-steps", type=_int_list, default=[10, 20, 30],
+                         help="vanilla step counts for the baseline curve (default 10,20,30)")
+    quality.add_argument("--batch-size", type=int, default=250)
+    quality.add_argument("--plot", default=None, help="speed-quality plot PNG (default: next to --json)")
+    _fid_parser(commands)
     return parser
 
 
@@ -94,6 +119,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .evals.bench import benchmark, write
     from .runner import load
 
+    if args.quality:
+        return _quality_bench(args)
     request = _request(args)
     pipe = load(args.model, args.device, args.dtype)
     result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
@@ -103,10 +130,138 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality_bench(args: argparse.Namespace) -> int:
+    from .evals.quality import evaluate_quality, plot_speed_quality
+    from .runner import load
+
+    if args.model != "digits":
+        raise ValueError(f"--quality scores with the digits feature network: use --model digits, not {args.model!r}")
+    request = _request(args)
+    variants = {"+".join(m.spec() for m in v): v for v in ([args.method] if args.method else []) + args.variant}
+    if not variants:
+        raise ValueError("--quality needs at least one --method or --variant to compare with vanilla")
+    pipe = load(args.model, args.device, args.dtype)
+    report = evaluate_quality(
+        pipe, variants, steps=request.steps, baseline_steps=args.baseline_steps, samples=args.samples,
+        batch_size=args.batch_size, seed=args.seed, guidance_scale=request.guidance_scale,
+        size=request.height, model=args.model,
+    )
+    print(report)
+    Path(args.json).write_text(report.to_json())
+    plot = args.plot or str(Path(args.json).with_suffix(".png"))
+    plot_speed_quality(report, plot)
+    print(f"wrote {args.json} and {plot}")
+    return 0
+
+
+def _fid_parser(commands: argparse._SubParsersAction) -> None:
+    fid = commands.add_parser(
+        "fid", help="FID between two image folders, or vanilla vs accelerated on the same seeds",
+        description="fastdiff fid REAL_DIR FAKE_DIR: FID between two folders of PNG/JPEG images. "
+                    "fastdiff fid --model M --prompts FILE --seeds 0-999 --method SPEC --out-dir DIR: generate "
+                    "vanilla and accelerated images for each seed (resumable) and report FID between them, "
+                    "PSNR and max |diff| of the pairs, and with --real FID of each against real images. "
+                    "Images of a folder that differ in size or mode from its first image are converted to RGB "
+                    "and resized to it, with a warning. Under torchrun each rank takes every world-th seed (or "
+                    "image); rank 0 prints and writes --json.",
+    )
+    fid.add_argument("real_dir", nargs="?", metavar="REAL_DIR", help="reference images (folder mode)")
+    fid.add_argument("fake_dir", nargs="?", metavar="FAKE_DIR", help="generated images (folder mode)")
+    fid.add_argument("--features", default="inception",
+                     help="inception (standard; needs torch-fidelity and the weights file), digits (built-in, "
+                          "offline), or package.module:callable returning an nn.Module mapping uint8 N x 3 x H x W "
+                          "to float N x D (default: inception)")
+    fid.add_argument("--inception-weights", default=None, metavar="PATH",
+                     help="Inception weights file (default: weights-inception-2015-12-05-6726825d.pth in "
+                          "$TORCH_HOME/hub/checkpoints/); never downloaded")
+    fid.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 50 folders, 8 paired)")
+    fid.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    fid.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
+    fid.add_argument("--no-progress", action="store_true", help="no progress bars")
+    paired = fid.add_argument_group("paired mode (with --model)")
+    paired.add_argument("--model", default=None,
+                        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local folder or hub id")
+    paired.add_argument("--prompts", default=None, metavar="FILE",
+                        help="one prompt per line (blank lines ignored); seed s uses prompt s mod count")
+    paired.add_argument("--seeds", default=None, help="e.g. 0-999, 0,5,7 or 0-9,20-29")
+    paired.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
+                        help="acceleration of the accelerated images, repeatable (all applied together)")
+    paired.add_argument("--reference", default="vanilla", choices=["vanilla"],
+                        help="what the accelerated images are compared with (default: vanilla)")
+    paired.add_argument("--out-dir", default=None, metavar="DIR",
+                        help="images go to DIR/vanilla/ and DIR/accelerated/; existing ones are reused")
+    paired.add_argument("--real", default=None, metavar="REAL_DIR", help="also FID of each against these images")
+    paired.add_argument("--steps", type=int, default=None)
+    paired.add_argument("--height", type=int, default=None)
+    paired.add_argument("--width", type=int, default=None)
+    paired.add_argument("--guidance-scale", type=float, default=None)
+    paired.add_argument("--negative-prompt", default=None)
+    paired.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+
+
+_PAIRED_ONLY = ("prompts", "seeds", "method", "out_dir", "real", "steps", "height", "width", "guidance_scale",
+                "negative_prompt")
+
+
+def _fid_folders(args: argparse.Namespace):
+    from .evals.fid import fid_folders
+
+    given = [f"--{name.replace('_', '-')}" for name in _PAIRED_ONLY if getattr(args, name) not in (None, [])]
+    if given:
+        raise ValueError(f"{', '.join(given)} need --model (paired mode)")
+    if args.real_dir is None or args.fake_dir is None:
+        raise ValueError("give REAL_DIR and FAKE_DIR, or --model ... for paired mode")
+    return fid_folders(args.real_dir, args.fake_dir, features=args.features, batch_size=args.batch_size or 50,
+                       device=args.device, inception_weights=args.inception_weights,
+                       show_progress=not args.no_progress)
+
+
+def _fid_paired(args: argparse.Namespace):
+    from .evals.fidelity import paired_fidelity, parse_seeds, read_prompts
+    from .runner import GenerationRequest
+
+    if args.real_dir is not None:
+        raise ValueError("REAL_DIR/FAKE_DIR are for folder mode; with --model, give real images with --real")
+    missing = [flag for flag, value in (("--prompts", args.prompts), ("--seeds", args.seeds),
+                                        ("--out-dir", args.out_dir)) if value is None]
+    if missing:
+        raise ValueError(f"paired mode needs {', '.join(missing)}")
+    request = GenerationRequest(steps=args.steps, height=args.height, width=args.width,
+                                guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+    return paired_fidelity(
+        args.model, args.method, parse_seeds(args.seeds), read_prompts(args.prompts), args.out_dir,
+        request=request, reference=args.reference, real_dir=args.real, features=args.features,
+        inception_weights=args.inception_weights, batch_size=args.batch_size or 8, device=args.device,
+        dtype=args.dtype, show_progress=not args.no_progress,
+    )
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evals.fid import init_distributed_from_env, rank_and_world
+
+    created = init_distributed_from_env(args.device)
+    try:
+        try:
+            result = _fid_paired(args) if args.model else _fid_folders(args)
+        except (FileNotFoundError, ImportError) as exc:  # missing weights or extras: a message, not a traceback
+            raise ValueError(str(exc)) from None
+        if rank_and_world()[0] == 0:
+            print(result)
+            if args.json:
+                Path(args.json).write_text(result.to_json())
+                print(f"wrote {args.json}")
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"generate": cmd_generate, "bench": cmd_bench}
+    handlers = {"generate": cmd_generate, "bench": cmd_bench, "fid": cmd_fid}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError) as exc:
