@@ -17,7 +17,7 @@ from .core.accelerator import apply  # noqa: E402
 from .core.method import METHODS, Method, parse_method  # noqa: E402
 from .models import BUILTIN_MODELS  # noqa: E402
 
-DEFAULT_MODEL = "tiny-sd"
+DEFAULT_MODEL = "digits"
 
 
 def _method(spec: str) -> Method:
@@ -45,8 +45,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local folder or hub id "
                              f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse",
-                        help="text prompt (class name or index for class-conditional models)")
+    parser.add_argument("--prompt", default=None,
+                        help="text prompt, or class name/index for class-conditional models "
+                             "(default: the built-in model's example prompt)")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _request(args: argparse.Namespace):
-    from .runner import GenerationRequest
+    from .runner import GenerationRequest, example_prompt
 
     return GenerationRequest(
-        prompt=args.prompt, steps=args.steps, seed=args.seed, height=args.height, width=args.width,
+        prompt=args.prompt or example_prompt(args.model), steps=args.steps, seed=args.seed, height=args.height, width=args.width,
         guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
     ).with_model_defaults(args.model)
 

@@ -16,9 +16,17 @@ from diffusers import DiffusionPipeline
 from .models import builtin_info, is_builtin, load_pipeline
 
 
+GENERIC_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def example_prompt(model: str) -> str:
+    """A prompt the model understands: its built-in example, else a generic text prompt."""
+    return builtin_info(model).example_prompt if is_builtin(model) else GENERIC_PROMPT
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt: str = "a photograph of an astronaut riding a horse"
+    prompt: str = GENERIC_PROMPT
     steps: int | None = None
     seed: int = 0
     height: int | None = None

@@ -49,7 +49,7 @@ def _state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_all_builtins() -> None:
-    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "sd15-arch"}
+    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "sd15-arch", "digits"}
     assert default_size("tiny-sd") == (64, 64)
     assert default_size("sd15-arch") == (256, 256)
     assert "height" not in builtin_info("tiny-dit").call_kwargs()

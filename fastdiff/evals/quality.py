@@ -21,8 +21,10 @@ from diffusers import DiffusionPipeline
 
 from ..core.accelerator import apply
 from ..core.method import Method
+from ..runner import GenerationRequest, call_kwargs
 from .bench import psnr
 from .fid import FrechetAccumulator, load_extractor
+from .fidelity import batch_call_kwargs
 
 REFERENCE = "vanilla"
 
@@ -77,38 +79,35 @@ def _prompts_and_labels(samples: int) -> tuple[list[str], list[int]]:
     return [digit_prompt(label) for label in labels], labels
 
 
-def _generate(pipe: DiffusionPipeline, steps: int, samples: int, seed: int, batch_size: int,
-              guidance_scale: float | None, size: int | None) -> tuple[torch.Tensor, float]:
-    """uint8 images N x 3 x H x W (seed ``seed + i`` for image i) and the wall time taken."""
+def _requests(samples: int, seed: int, steps: int, guidance_scale: float | None,
+              size: int | None) -> list[GenerationRequest]:
+    """Image i: digit ``i mod 10``, seed ``seed + i``: the same set for every setting."""
     prompts, _ = _prompts_and_labels(samples)
+    return [
+        GenerationRequest(prompt=prompt, steps=steps, seed=seed + i, height=size, width=size,
+                          guidance_scale=guidance_scale)
+        for i, prompt in enumerate(prompts)
+    ]
+
+
+def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_size: int) -> tuple[torch.Tensor, float]:
+    """uint8 images N x 3 x H x W and the wall time the pipeline calls took."""
     chunks: list[torch.Tensor] = []
-    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-    if size is not None:
-        extra.update(height=size, width=size)
     elapsed = 0.0
-    for start in range(0, samples, batch_size):
-        stop = min(start + batch_size, samples)
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(start, stop)]
+    for start in range(0, len(requests), batch_size):
+        kwargs = batch_call_kwargs(pipe, requests[start:start + batch_size])
         begin = time.perf_counter()
-        images = pipe(prompts[start:stop], num_inference_steps=steps, generator=generators,
-                      output_type="np", **extra).images
+        images = pipe(**kwargs, output_type="np").images
         elapsed += time.perf_counter() - begin
         chunks.append(torch.from_numpy((np.asarray(images) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
     return torch.cat(chunks), elapsed
 
 
-def _denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], steps: int,
-                    guidance_scale: float | None, size: int | None) -> int:
-    """Denoiser FLOPs of one image (one prompt), counted in an untimed call."""
-    from ..models.digits import digit_prompt
-
+def _denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> int:
+    """Denoiser FLOPs of one image, counted in an untimed call."""
     accelerator = apply(pipe, *methods, count_flops=True)
-    extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-    if size is not None:
-        extra.update(height=size, width=size)
     try:
-        pipe(digit_prompt(0), num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-             output_type="np", **extra)
+        pipe(**call_kwargs(pipe, request), output_type="np")
         return accelerator.report().flops_run or 0
     finally:
         accelerator.remove()
@@ -157,7 +156,8 @@ def evaluate_quality(
     for label, methods, count in settings:
         accelerator = apply(pipe, *methods) if methods else None
         try:
-            images, elapsed = _generate(pipe, count, samples, seed, batch_size, guidance_scale, size)
+            requests = _requests(samples, seed, count, guidance_scale, size)
+            images, elapsed = _generate(pipe, requests, batch_size)
         finally:
             if accelerator is not None:
                 accelerator.remove()
@@ -172,7 +172,7 @@ def evaluate_quality(
             methods=[m.spec() for m in methods],
             steps=count,
             seconds_per_image=elapsed / samples,
-            denoiser_gflops_per_image=_denoiser_flops(pipe, methods, count, guidance_scale, size) / 1e9,
+            denoiser_gflops_per_image=_denoiser_flops(pipe, methods, requests[0]) / 1e9,
             fid_real=_distance(real_features, image_features),
             fid_vs_reference=None if is_reference else _distance(reference[1], image_features),
             psnr_vs_reference=None if is_reference else psnr(reference[0].numpy(), images.numpy(), 255.0),

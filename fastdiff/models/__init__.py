@@ -1,7 +1,9 @@
 """Built-in offline models and the loader that resolves a `model` argument.
 
 Built-ins are real diffusers pipelines with deterministic random weights, so everything in
-fastdiff can be run and tested without a model hub.
+fastdiff can be run and tested without a model hub; `digits` is the exception, trained and
+shipped with its FID feature network so that quality can be measured offline too
+(`fastdiff.models.digits`, trained by `python -m fastdiff.models.train`).
 """
 
 from .builtin import (
@@ -15,18 +17,34 @@ from .builtin import (
     is_builtin,
     load_pipeline,
 )
+from .digits import (
+    DIGIT_WORDS,
+    DigitsFeatureNet,
+    digit_prompt,
+    digits_split,
+    load_digits_pipeline,
+    load_feature_network,
+    parse_digit_prompt,
+)
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = [
     "BUILTIN_MODELS",
+    "DIGIT_WORDS",
     "SD15_UNET_CONFIG",
     "BuiltinModel",
+    "DigitsFeatureNet",
     "ModelLoadError",
     "build_builtin",
     "builtin_info",
     "clip_tokenizer",
     "default_size",
+    "digit_prompt",
+    "digits_split",
     "is_builtin",
+    "load_digits_pipeline",
+    "load_feature_network",
     "load_pipeline",
+    "parse_digit_prompt",
     "t5_tokenizer",
 ]

@@ -1,4 +1,4 @@
-"""Built-in diffusers pipelines with deterministic random weights.
+"""Built-in diffusers pipelines: tiny ones with deterministic random weights, and trained `digits`.
 
 Nothing can be downloaded here, yet every method must be exercised on the pipelines users
 actually run. So each built-in is the *real* diffusers pipeline class with real component
@@ -40,6 +40,7 @@ from transformers import (
     T5EncoderModel,
 )
 
+from .digits import DIGITS_GUIDANCE_SCALE, DIGITS_IMAGE_SIZE, load_digits_pipeline
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = [
@@ -177,6 +178,7 @@ class BuiltinModel:
     description: str
     builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
     takes_size: bool = True
+    example_prompt: str = "a photograph of an astronaut riding a horse"
 
     def call_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the pipeline call (DiT has a fixed size, so no height/width)."""
@@ -462,6 +464,12 @@ def _build_tiny_dit(seed: int) -> DiTPipeline:
     return pipe
 
 
+def _build_digits(seed: int) -> DiffusionPipeline:
+    """Trained weights shipped in the package: `seed` has nothing to choose, so it is ignored."""
+    del seed
+    return load_digits_pipeline()
+
+
 _REGISTRY: dict[str, BuiltinModel] = {
     spec.name: spec
     for spec in (
@@ -504,6 +512,7 @@ _REGISTRY: dict[str, BuiltinModel] = {
             guidance_scale=4.0,
             description="Class-conditional DiT, tiny, with a few ImageNet labels.",
             takes_size=False,
+            example_prompt="golden retriever",
             builder=_build_tiny_dit,
         ),
         BuiltinModel(
@@ -515,6 +524,20 @@ _REGISTRY: dict[str, BuiltinModel] = {
             guidance_scale=7.5,
             description="The exact SD 1.5 UNet (860M parameters, random weights) for speed benchmarks.",
             builder=_build_sd15_arch,
+        ),
+        BuiltinModel(
+            name="digits",
+            pipeline_class="StableDiffusionPipeline",
+            height=DIGITS_IMAGE_SIZE,
+            width=DIGITS_IMAGE_SIZE,
+            num_inference_steps=50,
+            guidance_scale=DIGITS_GUIDANCE_SCALE,
+            description=(
+                "Trained 8x8 handwritten digits (sklearn), prompt 'a handwritten digit seven'; "
+                "for quality measurements (FID-digits). Weights are shipped, so the seed is ignored."
+            ),
+            builder=_build_digits,
+            example_prompt="a handwritten digit seven",
         ),
     )
 }
