@@ -195,3 +195,10 @@ def test_failed_call_resets_the_clock(sd_pipe):
     assert not acc.clock.active and "step" not in sd_pipe.scheduler.__dict__
     run(sd_pipe, steps=4)
     assert acc.report().modules[0].reused == 2
+
+
+def test_attached_follows_apply_and_remove(sd_pipe):
+    acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache())
+    assert acc.attached
+    acc.remove()
+    assert not acc.attached

@@ -93,7 +93,6 @@ class Accelerator:
         self._installed: list[_Installed] = []
         self._reuse_hooks: list[ReuseHook] = []
         self._counter: FlopCounterMode | None = None
-        self._attached = False
 
     # -- plan -----------------------------------------------------------------------------
     def plan_for(self, num_steps: int) -> Plan:
@@ -154,7 +153,6 @@ class Accelerator:
                 self._reuse_hooks.append(hook)
             self.pipe.__dict__[ATTRIBUTE] = self
             self.pipe.__class__ = _accelerated_class(type(self.pipe))
-            self._attached = True
         except BaseException:
             self._detach()
             raise
@@ -187,11 +185,10 @@ class Accelerator:
         if self.clock.active:
             raise RuntimeError("remove() called during a pipeline call")
         self._detach()
-        self._attached = False
 
     @property
     def attached(self) -> bool:
-        return self._attached
+        return self.pipe.__dict__.get(ATTRIBUTE) is self
 
     # -- runtime: called by the hooks -----------------------------------------------------
     @contextlib.contextmanager
