@@ -87,7 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--batch-size", type=int, default=250)
     quality.add_argument("--plot", default=None, help="speed-quality plot PNG (default: next to --json)")
     _fid_parser(commands)
+    _calibrate_parser(commands)
     return parser
+
+
+def _calibrate_parser(commands: argparse._SubParsersAction) -> None:
+    cal = commands.add_parser(
+        "calibrate", help="measure a pipeline's blocks for Block Caching and save the calibration (JSON)",
+        description="Runs the pipeline on calibration prompts (every digit for the digits model, else --prompt), "
+                    "records each block's change per step, prints the schedule and writes the calibration; "
+                    "use it with --method blockcache:calibration=FILE,threshold=... or budget=...",
+    )
+    _common(cal)
+    choice = cal.add_mutually_exclusive_group()
+    choice.add_argument("--threshold", type=float, default=None, help="δ: accumulated change before recomputing")
+    choice.add_argument("--budget", type=float, default=None, help="share of block evaluations to keep, (0, 1]")
+    cal.add_argument("--granularity", default="layer", help="layer, attention or block")
+    cal.add_argument("--cache", default="residual", help="residual or output")
+    cal.add_argument("--align", action="store_true", help="also fit the per-channel scale/shift of cached values")
+    cal.add_argument("--out", default="calibration.json", help="where to write the calibration")
+    cal.add_argument("--plot", default=None, help="also plot the per-block change curves (PNG)")
 
 
 def _request(args: argparse.Namespace):
@@ -100,10 +119,11 @@ def _request(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .runner import generate, load
+    from .runner import generate, load, prepare_methods
 
     request = _request(args)
     pipe = load(args.model, args.device, args.dtype)
+    args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
     if args.show_plan:
         print(accelerator.plan_for(request.steps or accelerator.default_steps))
@@ -118,12 +138,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .evals.bench import benchmark, write
-    from .runner import load
+    from .runner import load, prepare_methods
 
     if args.quality:
         return _quality_bench(args)
     request = _request(args)
     pipe = load(args.model, args.device, args.dtype)
+    args.method = prepare_methods(pipe, args.method, request, args.model)
     result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
     print(result)
     write(result, args.json)
@@ -133,15 +154,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _quality_bench(args: argparse.Namespace) -> int:
     from .evals.quality import evaluate_quality, plot_speed_quality
-    from .runner import load
+    from .runner import load, prepare_methods
 
     if args.model != "digits":
         raise ValueError(f"--quality scores with the digits feature network: use --model digits, not {args.model!r}")
     request = _request(args)
-    variants = {"+".join(m.spec() for m in v): v for v in ([args.method] if args.method else []) + args.variant}
-    if not variants:
+    chosen = ([args.method] if args.method else []) + args.variant
+    if not chosen:
         raise ValueError("--quality needs at least one --method or --variant to compare with vanilla")
     pipe = load(args.model, args.device, args.dtype)
+    variants = {"+".join(m.spec() for m in v): prepare_methods(pipe, v, request, args.model) for v in chosen}
     report = evaluate_quality(
         pipe, variants, steps=request.steps, baseline_steps=args.baseline_steps, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed, guidance_scale=request.guidance_scale,
@@ -259,10 +281,31 @@ def cmd_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .caching import BlockCache
+    from .runner import load, prepare_methods
+
+    request = _request(args)
+    method = BlockCache(threshold=args.threshold, budget=args.budget, granularity=args.granularity,
+                        cache=args.cache, align=args.align)
+    pipe = load(args.model, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    (ready,) = prepare_methods(pipe, [method], request, args.model)
+    print(ready.plan())
+    print(f"keeps {ready.kept_fraction():.1%} of block evaluations ({ready.kept_fraction('flops'):.1%} of their FLOPs) "
+          f"at threshold {ready.effective_threshold:.4g}")
+    ready.calibration.save(args.out)
+    print(f"wrote {args.out}")
+    if args.plot:
+        ready.calibration.plot(args.plot, ready.effective_threshold)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"generate": cmd_generate, "bench": cmd_bench, "fid": cmd_fid}
+    handlers = {"generate": cmd_generate, "bench": cmd_bench, "fid": cmd_fid, "calibrate": cmd_calibrate}
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError) as exc:

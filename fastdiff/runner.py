@@ -7,12 +7,15 @@ pipeline and a class-conditional one (DiT) are driven the same way and seeds mea
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
+from .core.accelerator import pipeline_default_steps
+from .core.method import Method
 from .models import builtin_info, is_builtin, load_pipeline
 
 
@@ -127,3 +130,26 @@ def _class_labels(pipe: DiffusionPipeline, prompt: str) -> list[int]:
 
 def generate(pipe: DiffusionPipeline, request: GenerationRequest, output_type: str = "pil") -> Any:
     return pipe(**call_kwargs(pipe, request), output_type=output_type).images
+
+
+CALIBRATION_SEED = 10_000  # far from the seeds benchmarks and evaluations generate with
+
+
+def calibration_prompts(model: str, request: GenerationRequest) -> list[str]:
+    """Prompts a method calibrates on: every class of the digits model, else the request's prompt."""
+    if model == "digits":
+        from .models.digits import digit_prompt
+
+        return [digit_prompt(label) for label in range(10)]
+    return [request.prompt]
+
+
+def prepare_methods(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest,
+                    model: str = "") -> list[Method]:
+    """Methods ready to apply at the request's settings (those that need a calibration get one)."""
+    steps = request.steps or pipeline_default_steps(pipe)
+    settings = {name: getattr(request, name) for name in ("height", "width", "guidance_scale")
+                if getattr(request, name) is not None and name in inspect.signature(type(pipe).__call__).parameters}
+    return [m.prepare(pipe, steps=steps, prompts=calibration_prompts(model, request), seed=CALIBRATION_SEED,
+                      **settings) for m in methods]
+

@@ -1,5 +1,7 @@
 """Single-device reuse methods, one module each, all expressed as plans for the core engine."""
 
+from .block_cache import BlockCache, BlockCacheCalibration
 from .deepcache import DeepCache
+from .encoder_propagation import EncoderPropagation
 
-__all__ = ["DeepCache"]
+__all__ = ["BlockCache", "BlockCacheCalibration", "DeepCache", "EncoderPropagation"]

@@ -86,7 +86,11 @@ class Accelerator:
         self.count_flops = count_flops
         self.clock = StepClock()
         self.ledger = Ledger()
-        self.default_steps = default_steps or _default_steps(pipe)
+        preferred = next((n for m in self.methods if (n := m.preferred_steps()) is not None), None)
+        self.default_steps = default_steps or preferred or pipeline_default_steps(pipe)
+        self._wrappers = [m for m in self.methods if m.overrides("wrap_denoiser")]
+        self._step_watchers = [m for m in self.methods if m.overrides("after_scheduler_step")]
+        self._call_state: dict[int, dict[str, Any]] = {}
         self._plans: dict[int, Plan] = {}
         self._plan: Plan | None = None
         self._last_steps: int | None = None
@@ -113,19 +117,19 @@ class Accelerator:
         return self.ledger.report(call)
 
     # -- install / remove -----------------------------------------------------------------
-    def _claims(self) -> dict[str, str]:
+    def _claims(self) -> dict[str, Method]:
         available = dict(self.denoiser.named_modules())
-        owners: dict[str, str] = {}
+        owners: dict[str, Method] = {}
         for method in self.methods:
             for path in method.modules(self.denoiser):
                 if path not in available:
                     raise ValueError(f"{method.name}: module {path!r} does not exist in the {self.denoiser_name}")
                 if path in owners:
                     raise ValueError(
-                        f"methods {owners[path]!r} and {method.name!r} both claim module {path!r} of the "
+                        f"methods {owners[path].name!r} and {method.name!r} both claim module {path!r} of the "
                         f"{self.denoiser_name}; combine methods that act on different modules"
                     )
-                owners[path] = method.name
+                owners[path] = method
         return owners
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
@@ -142,13 +146,19 @@ class Accelerator:
                 "pipe: already accelerated; call pipe.acceleration.remove() first, or pass all methods "
                 "to one fastdiff.apply(...)"
             )
+        registry = getattr(self.denoiser, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(CLOCK_HOOK) is not None:
+            raise ValueError(
+                f"pipe: its {self.denoiser_name} is already accelerated through another pipeline that shares it "
+                "(e.g. one made with from_pipe or **components); call .acceleration.remove() on that pipeline first"
+            )
         owners = self._claims()
         self.plan_for(self.default_steps)
         try:
             self._register(self.denoiser, DenoiserClockHook(self), CLOCK_HOOK)
             modules = dict(self.denoiser.named_modules())
             for path, owner in owners.items():
-                hook = ReuseHook(self, path, owner)
+                hook = ReuseHook(self, path, owner.name, owner.reuse_rule(self.denoiser, path))
                 self._register(modules[path], hook, REUSE_HOOK)
                 self._reuse_hooks.append(hook)
             self.pipe.__dict__[ATTRIBUTE] = self
@@ -197,8 +207,9 @@ class Accelerator:
             yield
             return
         scheduler = getattr(self.pipe, "scheduler", None)
-        observed = _observe_steps(scheduler, self.clock)
+        observed = _observe_steps(scheduler, self)
         self.clock.begin_call()
+        self._call_state.clear()
         self.ledger.start_call(self.clock.call_index)
         self._plan = None
         try:
@@ -209,6 +220,7 @@ class Accelerator:
                 scheduler.__dict__.pop("step", None)
             for hook in self._reuse_hooks:
                 hook.clear()
+            self._call_state.clear()
             self._counter = None
 
     def denoiser_started(self, args: tuple, kwargs: dict) -> None:
@@ -220,8 +232,26 @@ class Accelerator:
             self._last_steps = steps
             self._plan = self.plan_for(steps)
 
+    def run_denoiser(self, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """One denoiser call, through every method that acts at the denoiser boundary."""
+        call = forward
+        for method in reversed(self._wrappers):
+            call = functools.partial(_wrapped_call, method, self, call)
+        return call(*args, **kwargs)
+
+    def call_state(self, method: Method) -> dict[str, Any]:
+        """Scratch space of ``method`` for the current pipeline call (emptied at its start and end)."""
+        return self._call_state.setdefault(id(method), {})
+
+    def scheduler_stepped(self, args: tuple, kwargs: dict, output: Any) -> Any:
+        for method in self._step_watchers:
+            output = method.after_scheduler_step(self, args, kwargs, output)
+        self.clock.advance()
+        return output
+
     def denoiser_finished(self, seconds: float, counter: FlopCounterMode | None) -> None:
         clock = self.clock
+        clock.calls_in_step += 1
         flops = counter.get_total_flops() if counter is not None else None
         self._counter = None
         self.ledger.record_step(clock.call_index, clock.step, _as_float(clock.timestep), seconds, flops)
@@ -257,7 +287,11 @@ class Accelerator:
         return f"Accelerator({type(self.pipe).__name__}.{self.denoiser_name}: {methods})"
 
 
-def _observe_steps(scheduler: Any, clock: StepClock) -> Any:
+def _wrapped_call(method: Method, runtime: Accelerator, inner: Any, *args: Any, **kwargs: Any) -> Any:
+    return method.wrap_denoiser(runtime, inner, args, kwargs)
+
+
+def _observe_steps(scheduler: Any, runtime: Accelerator) -> Any:
     """Shadow ``scheduler.step`` for one call so each loop iteration advances the clock."""
     if scheduler is None or "step" in getattr(scheduler, "__dict__", {}):
         return None
@@ -265,15 +299,13 @@ def _observe_steps(scheduler: Any, clock: StepClock) -> Any:
 
     @functools.wraps(original)
     def step(*args: Any, **kwargs: Any) -> Any:
-        output = original(*args, **kwargs)
-        clock.advance()
-        return output
+        return runtime.scheduler_stepped(args, kwargs, original(*args, **kwargs))
 
     scheduler.__dict__["step"] = step
     return step
 
 
-def _default_steps(pipe: Any) -> int:
+def pipeline_default_steps(pipe: Any) -> int:
     parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
     if parameter is not None and isinstance(parameter.default, int):
         return parameter.default

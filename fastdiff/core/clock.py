@@ -21,7 +21,8 @@ class StepClock:
     step: int = 0
     num_steps: int | None = None
     timestep: Any = None
-    denoiser_calls: int = 0
+    denoiser_calls: int = 0  # in this call
+    calls_in_step: int = 0  # denoiser calls already made in the current step (unbatched guidance: 2)
 
     def begin_call(self) -> None:
         self.active = True
@@ -30,6 +31,7 @@ class StepClock:
         self.num_steps = None
         self.timestep = None
         self.denoiser_calls = 0
+        self.calls_in_step = 0
 
     def end_call(self) -> None:
         self.active = False
@@ -40,6 +42,7 @@ class StepClock:
     def advance(self) -> None:
         if self.active:
             self.step += 1
+            self.calls_in_step = 0
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

@@ -13,31 +13,13 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .plan import Decision
+from .rules import DEFAULT_RULE, ReuseRule, first_input, input_signature
 
 if TYPE_CHECKING:
     from .accelerator import Accelerator
 
 CLOCK_HOOK = "fastdiff.clock"
 REUSE_HOOK = "fastdiff.reuse"
-
-
-def input_signature(args: tuple, kwargs: dict) -> tuple:
-    """Shapes, dtypes and devices of the tensor inputs: a cached output is valid only for the same."""
-    parts: list[Any] = []
-
-    def visit(name: Any, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            parts.append((name, tuple(value.shape), value.dtype, value.device))
-        elif isinstance(value, (tuple, list)):
-            for i, item in enumerate(value):
-                if isinstance(item, torch.Tensor):
-                    parts.append(((name, i), tuple(item.shape), item.dtype, item.device))
-
-    for i, value in enumerate(args):
-        visit(i, value)
-    for key, value in kwargs.items():
-        visit(key, value)
-    return tuple(parts)
 
 
 def tensor_bytes(value: Any) -> int:
@@ -69,28 +51,30 @@ class DenoiserClockHook(ModelHook):
         counter = runtime.flop_counter()
         start = time.perf_counter()
         if counter is None:
-            output = forward(*args, **kwargs)
+            output = runtime.run_denoiser(forward, args, kwargs)
         else:
             with counter:
-                output = forward(*args, **kwargs)
+                output = runtime.run_denoiser(forward, args, kwargs)
         runtime.denoiser_finished(time.perf_counter() - start, counter)
         return output
 
 
 class ReuseHook(ModelHook):
-    """Executes the plan for one module: compute (and keep), return the kept output, or pass through.
+    """Executes the plan for one module: compute (and keep), give the kept output back, or pass through.
 
-    Only the latest computed output is kept, with the signature of the inputs that produced it;
-    a REUSE whose inputs changed shape (another batch size or resolution) computes instead.
+    Only the latest kept output is held, with the signature of the inputs that produced it. What
+    is kept and how it is given back is the method's :class:`~fastdiff.core.rules.ReuseRule`; by
+    default a REUSE whose inputs changed shape (another batch size or resolution) computes instead.
     """
 
     _is_stateful = True
 
-    def __init__(self, runtime: Accelerator, path: str, method: str) -> None:
+    def __init__(self, runtime: Accelerator, path: str, method: str, rule: ReuseRule | None = None) -> None:
         super().__init__()
         self.runtime = runtime
         self.path = path
         self.method = method
+        self.rule = rule or DEFAULT_RULE
         self.cached: Any = None
         self.cached_signature: tuple | None = None
         self.cached_flops: int | None = None
@@ -105,6 +89,7 @@ class ReuseHook(ModelHook):
         self.cached_signature = None
         self.cached_flops = None
         self.cached_bytes = 0
+        self.rule.reset()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
@@ -112,21 +97,28 @@ class ReuseHook(ModelHook):
         if not runtime.clock.active:
             return forward(*args, **kwargs)
         decision = runtime.decision(self.path)
+        step = runtime.clock.step
         signature = input_signature(args, kwargs)
         start = time.perf_counter()
         flops = None
-        if decision is Decision.REUSE and self.cached_signature == signature:
-            output = self.cached
+        output = None
+        if decision is Decision.REUSE and self.cached_signature is not None:
+            output = self.rule.restore(self.cached, args, kwargs, step, signature, self.cached_signature)
+        if output is not None:
+            decision = Decision.REUSE
         elif decision is Decision.SKIP:
-            output = args[0] if args else next(iter(kwargs.values()))
+            output = first_input(args, kwargs)
         else:
             decision = Decision.COMPUTE
             before = runtime.flops_so_far()
             output = forward(*args, **kwargs)
             if before is not None:
                 flops = runtime.flops_so_far() - before
-            if runtime.keeps_output(self.path):
-                self.cached, self.cached_signature, self.cached_flops = output, signature, flops
-                self.cached_bytes = tensor_bytes(output)
+            keeps = runtime.keeps_output(self.path)
+            if keeps or self.rule.observes:
+                kept = self.rule.keep(args, kwargs, output, step)
+                if keeps:
+                    self.cached, self.cached_signature, self.cached_flops = kept, signature, flops
+                    self.cached_bytes = tensor_bytes(kept)
         runtime.module_finished(self, decision, time.perf_counter() - start, flops)
         return output

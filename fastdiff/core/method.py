@@ -11,11 +11,17 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .plan import Decision
+from .rules import ReuseRule
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .accelerator import Accelerator
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -42,6 +48,33 @@ class Method:
     def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
         """The decision for each claimed module at each of ``num_steps`` steps."""
         raise NotImplementedError
+
+    # -- optional refinements; the defaults make a method a pure plan -----------------------
+    def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
+        """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
+        return None
+
+    def preferred_steps(self) -> int | None:
+        """The step count this method was prepared for, if any (a calibrated schedule)."""
+        return None
+
+    def prepare(self, pipe: DiffusionPipeline, *, steps: int, prompts: Sequence[str], **call_kwargs: Any) -> Method:
+        """A ready-to-apply version of this method for ``pipe`` at ``steps`` (e.g. calibrated).
+
+        Front ends (CLI, benchmarks) call this before :func:`apply`; the default needs nothing.
+        """
+        return self
+
+    def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
+        """Run (or answer) one denoiser call; the place for changes at the denoiser boundary."""
+        return forward(*args, **kwargs)
+
+    def after_scheduler_step(self, runtime: Accelerator, args: tuple, kwargs: dict, output: Any) -> Any:
+        """See (and possibly change) what the pipeline's ``scheduler.step`` returned."""
+        return output
+
+    def overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(Method, name)
 
     def spec(self) -> str:
         """The inverse of :func:`parse_method`."""

@@ -1,0 +1,241 @@
+"""Measuring a pipeline's blocks for Block Caching, on the core engine.
+
+The calibration is itself a fastdiff method: it claims every block, computes everything (so
+the run is exactly vanilla), and watches each computed output through its reuse rule. One
+pass records how much each block changes from step to step; with ``align=True`` a second pass
+replays the chosen schedule in shadow (still computing everything) and accumulates, per block,
+step and channel, the least-squares statistics that map the value a block would have reused to
+the value it actually produced.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..core.accelerator import apply, find_denoiser
+from ..core.method import Method
+from ..core.plan import Decision
+from ..core.rules import ReuseRule, main_tensor
+from .block_cache import DEFAULT_THRESHOLD, BlockCache, BlockCacheCalibration, cached_quantity
+from .block_schedule import schedule_from_changes, threshold_for_budget
+from .blocks import block_paths, fingerprint
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from ..core.clock import StepClock
+
+_EPS = 1e-12
+
+
+class _ChangeRule(ReuseRule):
+    """Sums each step's relative L1 change of the kept quantity, relative to the block's output."""
+
+    observes = True
+
+    def __init__(self, probe: _Probe, residual: bool) -> None:
+        self.probe = probe
+        self.residual = residual
+        self.previous: dict[int, torch.Tensor] = {}
+        self.sums: dict[int, float] = defaultdict(float)
+        self.counts: dict[int, int] = defaultdict(int)
+
+    def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
+        quantity, _ = cached_quantity(args, kwargs, output, self.residual)
+        main = main_tensor(output)
+        if quantity is None or main is None:
+            return output
+        ordinal = self.probe.clock.calls_in_step
+        previous = self.previous.get(ordinal)
+        if previous is not None and previous.shape == quantity.shape:
+            batch = quantity.shape[0] if quantity.dim() else 1
+            diff = (quantity - previous).abs().double().reshape(batch, -1).sum(1)
+            norm = main.abs().double().reshape(batch, -1).sum(1).clamp_min(_EPS)
+            self.sums[step] += float((diff / norm).mean())
+            self.counts[step] += 1
+        self.previous[ordinal] = quantity.detach().clone()
+        return output
+
+    def reset(self) -> None:
+        self.previous.clear()
+
+    def profile(self, steps: int) -> list[float]:
+        return [self.sums[s] / self.counts[s] if self.counts[s] else 0.0 for s in range(steps)]
+
+
+@dataclass
+class _Moments:
+    n: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    xx: torch.Tensor
+    xy: torch.Tensor
+
+    def fit(self) -> tuple[list[float], list[float]]:
+        """Per-channel (scale, shift) minimising ||scale·x + shift − y||²; identity where x is constant."""
+        denominator = self.n * self.xx - self.x * self.x
+        ok = denominator.abs() > 1e-9 * (self.n * self.xx).abs().clamp_min(_EPS)
+        scale = torch.where(ok, (self.n * self.xy - self.x * self.y) / torch.where(ok, denominator, 1.0), 1.0)
+        shift = (self.y - scale * self.x) / self.n.clamp_min(1.0)
+        return scale.tolist(), shift.tolist()
+
+
+def _reduce_dims(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    if tensor.dim() == 4:
+        return (0, 2, 3)
+    if tensor.dim() == 3:
+        return (0, 1)
+    return None
+
+
+class _FitRule(ReuseRule):
+    """Replays one block's schedule in shadow and gathers cached-vs-fresh moments per step."""
+
+    observes = True
+
+    def __init__(self, probe: _Probe, residual: bool, row: Sequence[Decision]) -> None:
+        self.probe = probe
+        self.residual = residual
+        self.row = row
+        self.source: dict[int, torch.Tensor] = {}
+        self.moments: dict[int, _Moments] = {}
+
+    def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
+        quantity, _ = cached_quantity(args, kwargs, output, self.residual)
+        if quantity is None or step >= len(self.row):
+            return output
+        ordinal = self.probe.clock.calls_in_step
+        if self.row[step] is Decision.COMPUTE:
+            self.source[ordinal] = quantity.detach().clone()
+            return output
+        x, dims = self.source.get(ordinal), _reduce_dims(quantity)
+        if x is None or dims is None or x.shape != quantity.shape:
+            return output
+        x, y = x.double(), quantity.double()
+        channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
+        count = torch.full((channels,), float(x.numel() // channels), dtype=torch.float64, device=x.device)
+        update = _Moments(count, x.sum(dims), y.sum(dims), (x * x).sum(dims), (x * y).sum(dims))
+        held = self.moments.get(step)
+        if held is None:
+            self.moments[step] = update
+        else:
+            for name in ("n", "x", "y", "xx", "xy"):
+                setattr(held, name, getattr(held, name) + getattr(update, name))
+        return output
+
+    def reset(self) -> None:
+        self.source.clear()
+
+
+@dataclass
+class _Probe(Method):
+    """Claims the blocks, computes everything, observes through the given rules."""
+
+    paths: list[str] = field(default_factory=list)
+    rules: dict[str, ReuseRule] = field(default_factory=dict)
+    clock: Any = None
+
+    def modules(self, denoiser: torch.nn.Module) -> list[str]:
+        return list(self.paths)
+
+    def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
+        return {path: (Decision.COMPUTE,) * num_steps for path in self.paths}
+
+    def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
+        return self.rules[path]
+
+    @property
+    def name(self) -> str:
+        return "blockcache-calibration"
+
+
+def _prompt_calls(pipe: DiffusionPipeline, prompts: Sequence[str], steps: int, seed: int,
+                  call_kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from ..runner import GenerationRequest
+    from ..runner import call_kwargs as request_kwargs
+
+    calls = []
+    for i, prompt in enumerate(prompts):
+        kwargs = request_kwargs(pipe, GenerationRequest(prompt=prompt, steps=steps, seed=seed + i))
+        kwargs.update(call_kwargs)
+        calls.append(kwargs)
+    return calls
+
+
+def _observe(pipe: DiffusionPipeline, probe: _Probe, calls: list[dict[str, Any]], count_flops: bool) -> Any:
+    accelerator = apply(pipe, probe, count_flops=count_flops)
+    probe.clock = accelerator.clock
+    try:
+        with torch.no_grad():
+            for kwargs in calls:
+                pipe(**kwargs)
+    finally:
+        accelerator.remove()
+    return accelerator
+
+
+def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 50, threshold: float | None = None,
+              budget: float | None = None, granularity: str = "layer", cache: str = "residual", align: bool = False,
+              budget_by: str = "evaluations", seed: int = 0, **call_kwargs: Any) -> BlockCache:
+    """Measure every block of ``pipe``'s denoiser on ``prompts`` and return a ready :class:`BlockCache`.
+
+    Args:
+        prompts: calibration prompts (class names or indices for class-conditional pipelines);
+            each is run once with seed ``seed + i``. A handful is enough: the change curves are
+            very similar across prompts (the paper's observation).
+        steps: the step count the schedule is for (a schedule is tied to it).
+        threshold / budget: δ, or the share of block evaluations to keep (then δ is chosen).
+        align: also fit the per-channel scale/shift of cached values (a second pass).
+        call_kwargs: passed to every pipeline call (height, width, guidance_scale, ...).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts: calibration needs at least one prompt")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+        raise ValueError(f"steps: calibration needs at least 2 steps (there is no change to measure in one), got {steps!r}")
+    # validates threshold/budget/granularity/cache before any work
+    BlockCache(threshold=threshold, budget=budget, granularity=granularity, cache=cache, budget_by=budget_by)
+    _, denoiser = find_denoiser(pipe)
+    paths = block_paths(denoiser, granularity)
+    residual = cache == "residual"
+    calls = _prompt_calls(pipe, prompts, steps, seed, call_kwargs)
+
+    probe = _Probe(paths=paths)
+    change_rules = {path: _ChangeRule(probe, residual) for path in paths}
+    probe.rules = dict(change_rules)
+    accelerator = _observe(pipe, probe, calls, count_flops=True)
+    change = {path: rule.profile(steps) for path, rule in change_rules.items()}
+    flops: dict[str, float] = defaultdict(float)
+    for event in accelerator.ledger.modules:
+        if event.flops is not None:
+            flops[event.module] += event.flops
+    denoiser_calls = max(sum(s.denoiser_calls for s in accelerator.ledger.steps), 1)
+
+    calibration = BlockCacheCalibration(
+        denoiser=type(denoiser).__name__, fingerprint=fingerprint(denoiser), num_steps=steps,
+        granularity=granularity, cache=cache, modules=paths, change=change,
+        flops={p: flops.get(p, 0.0) / denoiser_calls for p in paths}, prompts=prompts, seed=seed,
+    )
+    if align:
+        delta = threshold if threshold is not None else (
+            threshold_for_budget(change, budget, calibration.flops if budget_by == "flops" else None)
+            if budget is not None else DEFAULT_THRESHOLD)
+        rows = schedule_from_changes(change, delta)
+        probe = _Probe(paths=paths)
+        fit_rules = {path: _FitRule(probe, residual, rows[path]) for path in paths}
+        probe.rules = dict(fit_rules)
+        _observe(pipe, probe, calls, count_flops=False)
+        calibration.aligned_rows = {m: "".join(d.symbol for d in r) for m, r in rows.items()}
+        calibration.alignment = {
+            path: {str(step): list(moments.fit()) for step, moments in sorted(rule.moments.items())}
+            for path, rule in fit_rules.items()
+        }
+    return BlockCache(threshold=threshold, budget=budget, granularity=granularity, cache=cache, align=align,
+                      budget_by=budget_by, calibration=calibration)

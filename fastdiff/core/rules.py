@@ -1,0 +1,124 @@
+"""How a module's output is kept at a computed step and given back at a reused one.
+
+The default keeps the output as it is. Methods refine this without touching the hook: Block
+Caching keeps only what a block adds to its input and corrects it by a fitted scale and shift;
+encoder propagation serves one kept output to a batch that stacks several steps. Calibration
+runs observe every computed output through the same door.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes, dtypes and devices of the tensor inputs: a cached output is valid only for the same."""
+    parts: list[Any] = []
+
+    def visit(name: Any, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif isinstance(value, (tuple, list)):
+            for i, item in enumerate(value):
+                if isinstance(item, torch.Tensor):
+                    parts.append(((name, i), tuple(item.shape), item.dtype, item.device))
+
+    for i, value in enumerate(args):
+        visit(i, value)
+    for key, value in kwargs.items():
+        visit(key, value)
+    return tuple(parts)
+
+
+def batch_multiple(signature: tuple, kept: tuple) -> int | None:
+    """``r`` when every input is ``r`` copies of the kept inputs' batch (same names and trailing
+    shapes, leading dimension ``r`` times larger); ``None`` otherwise."""
+    if len(signature) != len(kept):
+        return None
+    ratio: int | None = None
+    for (name, shape, dtype, device), (kname, kshape, kdtype, kdevice) in zip(signature, kept):
+        if name != kname or dtype != kdtype or device != kdevice or len(shape) != len(kshape):
+            return None
+        if not shape:
+            if shape != kshape:
+                return None
+            continue
+        if shape[1:] != kshape[1:] or kshape[0] == 0 or shape[0] % kshape[0]:
+            return None
+        r = shape[0] // kshape[0]
+        if ratio is None:
+            ratio = r
+        elif ratio != r:
+            return None
+    return ratio
+
+
+def main_tensor(output: Any) -> torch.Tensor | None:
+    """The hidden states a block hands on: the output itself, or the first item of a tuple/dataclass."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        first = getattr(output, dataclasses.fields(output)[0].name)
+        return first if isinstance(first, torch.Tensor) else None
+    return None
+
+
+def with_main_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with its main tensor replaced (same container type)."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, (tuple, list)):
+        return type(output)([tensor, *output[1:]])
+    name = dataclasses.fields(output)[0].name
+    return dataclasses.replace(output, **{name: tensor})
+
+
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """The hidden states a block was called on (first positional or ``hidden_states``)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(iter(kwargs.values()), None)
+
+
+def tile_batch(value: Any, times: int) -> Any:
+    """Every tensor in ``value`` repeated ``times`` along the batch (leading) dimension."""
+    if times == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat(times, *([1] * (value.dim() - 1))) if value.dim() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(tile_batch(v, times) for v in value)
+    if isinstance(value, dict):
+        return {k: tile_batch(v, times) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: tile_batch(getattr(value, f.name), times) for f in dataclasses.fields(value)}
+        )
+    return value
+
+
+class ReuseRule:
+    """Keep the output as computed; give it back only to inputs of the same shapes."""
+
+    observes = False  # True: ``keep`` is called at every computed step, even when nothing is reused
+
+    def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
+        return output
+
+    def restore(self, kept: Any, args: tuple, kwargs: dict, step: int, signature: tuple,
+                kept_signature: tuple | None) -> Any | None:
+        """The output to use at a reused step, or ``None`` when ``kept`` does not fit these inputs."""
+        return kept if signature == kept_signature else None
+
+    def reset(self) -> None:
+        """Forget per-call state (called at the start and end of each pipeline call)."""
+
+
+DEFAULT_RULE = ReuseRule()
