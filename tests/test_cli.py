@@ -67,6 +67,30 @@ def test_bench_interval_one_is_exact(tmp_path):
     assert result["max_abs_diff"] == 0.0 and result["flop_ratio"] == 1.0
 
 
+def test_calibrate_then_generate_with_the_saved_calibration(tmp_path, capsys):
+    calibration, plot = tmp_path / "calibration.json", tmp_path / "change.png"
+    assert main(["calibrate", "--model", "tiny-sd", "--steps", "4", "--budget", "0.5", "--out", str(calibration),
+                 "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert "Plan:" in printed and "keeps" in printed and plot.stat().st_size > 1000
+    assert json.loads(calibration.read_text())["num_steps"] == 4
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-sd", "--steps", "4", "--out", str(out),
+                 "--method", f"blockcache:calibration={calibration},budget=0.5"]) == 0
+    assert "blockcache:budget=0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "tiny-sd", "--steps", "6", "--out", str(out),
+              "--method", f"blockcache:calibration={calibration},budget=0.5"])
+    assert exc.value.code == 2 and "calibrated for 4 steps" in capsys.readouterr().err
+
+
+def test_encoder_propagation_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-sd", "--steps", "6", "--out", str(out), "--show-plan",
+                 "--method", "encoder:key_steps=0/3,batch_decoders=true"]) == 0
+    assert "conv_in [encoder]" in capsys.readouterr().out
+
+
 def test_readme_quick_start_command_runs(tmp_path, monkeypatch):
     """The README's first command, minus the install, runs as written."""
     text = README.read_text()

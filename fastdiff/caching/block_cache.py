@@ -185,6 +185,9 @@ class BlockCacheCalibration:
         ax.set_title(title + (f"; dots: recomputed at δ={threshold:.3g}" if threshold is not None else ""))
         if len(self.modules) <= 16:
             ax.legend(fontsize=6, ncol=2)
+        else:
+            ax.text(0.01, 0.01, "colour: block order, dark = first (input side), yellow = last (output side)",
+                    transform=ax.transAxes, fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

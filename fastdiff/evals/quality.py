@@ -103,7 +103,7 @@ def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_
     return torch.cat(chunks), elapsed
 
 
-def _denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> int:
+def denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> int:
     """Denoiser FLOPs of one image, counted in an untimed call."""
     accelerator = apply(pipe, *methods, count_flops=True)
     try:
@@ -172,7 +172,7 @@ def evaluate_quality(
             methods=[m.spec() for m in methods],
             steps=count,
             seconds_per_image=elapsed / samples,
-            denoiser_gflops_per_image=_denoiser_flops(pipe, methods, requests[0]) / 1e9,
+            denoiser_gflops_per_image=denoiser_flops(pipe, methods, requests[0]) / 1e9,
             fid_real=_distance(real_features, image_features),
             fid_vs_reference=None if is_reference else _distance(reference[1], image_features),
             psnr_vs_reference=None if is_reference else psnr(reference[0].numpy(), images.numpy(), 255.0),
