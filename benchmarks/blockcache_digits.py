@@ -77,6 +77,7 @@ def main() -> None:
     out = Path(args.json)
     out.write_text(report.to_json())
     plot_speed_quality(report, out.with_suffix(".png"))
+    residual.calibration.save(out.with_name(out.stem + "_calibration.json"))
     residual.calibration.plot(out.with_name(out.stem + "_change.png"), threshold=residual.calibration.threshold_for(
         aligned_at["budget"], "flops"))
     print(json.dumps({"wrote": [str(out), str(out.with_suffix(".png")), str(out.with_name(out.stem + "_change.png"))]}))
