@@ -3,5 +3,6 @@
 from .block_cache import BlockCache, BlockCacheCalibration
 from .deepcache import DeepCache
 from .encoder_propagation import EncoderPropagation
+from .tgate import TGate
 
-__all__ = ["BlockCache", "BlockCacheCalibration", "DeepCache", "EncoderPropagation"]
+__all__ = ["BlockCache", "BlockCacheCalibration", "DeepCache", "EncoderPropagation", "TGate"]

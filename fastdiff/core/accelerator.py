@@ -56,7 +56,7 @@ def _accelerated_class(cls: type) -> type:
         accelerator = self.__dict__.get(ATTRIBUTE)
         if accelerator is None:
             return original(self, *args, **kwargs)
-        with accelerator.pipeline_call():
+        with accelerator.pipeline_call(args, kwargs):
             return original(self, *args, **kwargs)
 
     return type(
@@ -91,6 +91,7 @@ class Accelerator:
         self._wrappers = [m for m in self.methods if m.overrides("wrap_denoiser")]
         self._step_watchers = [m for m in self.methods if m.overrides("after_scheduler_step")]
         self._call_state: dict[int, dict[str, Any]] = {}
+        self.call_arguments: dict[str, Any] = {}  # of the pipeline call in progress, by name
         self._plans: dict[int, Plan] = {}
         self._plan: Plan | None = None
         self._last_steps: int | None = None
@@ -202,10 +203,11 @@ class Accelerator:
 
     # -- runtime: called by the hooks -----------------------------------------------------
     @contextlib.contextmanager
-    def pipeline_call(self) -> Iterator[None]:
+    def pipeline_call(self, args: tuple = (), kwargs: dict | None = None) -> Iterator[None]:
         if self.clock.active:  # a pipeline calling itself: the outer call owns the clock
             yield
             return
+        self.call_arguments = _bound_arguments(type(self.pipe), args, kwargs or {})
         scheduler = getattr(self.pipe, "scheduler", None)
         observed = _observe_steps(scheduler, self)
         self.clock.begin_call()
@@ -285,6 +287,21 @@ class Accelerator:
     def __repr__(self) -> str:
         methods = ", ".join(m.spec() for m in self.methods) or "no methods"
         return f"Accelerator({type(self.pipe).__name__}.{self.denoiser_name}: {methods})"
+
+
+def _bound_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The pipeline call's arguments by name, defaults included (what methods may consult)."""
+    try:
+        bound = inspect.signature(getattr(cls, "_fastdiff_base", cls).__call__).bind(None, *args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(arguments)), None)  # self
+    extra = arguments.pop("kwargs", None)
+    if isinstance(extra, dict):
+        arguments.update(extra)
+    return arguments
 
 
 def _wrapped_call(method: Method, runtime: Accelerator, inner: Any, *args: Any, **kwargs: Any) -> Any:

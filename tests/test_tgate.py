@@ -1,0 +1,151 @@
+"""T-GATE: the schedule, the guidance drop, processors kept, the authors' release, composition, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run
+from diffusers.models.attention_processor import AttnProcessor
+
+import fastdiff
+from fastdiff import Decision, TGate
+from fastdiff.caching.tgate import gate_rows
+
+tgate_release = pytest.importorskip("tgate")
+
+
+def symbols(row):
+    return "".join(d.symbol for d in row)
+
+
+def release_rows(num_steps, **params):
+    """The release's own scheduler, step by step: compute unless it says reuse."""
+    from tgate.tgate_utils import tgate_scheduler
+
+    self_row, cross_row = [], []
+    for step in range(num_steps):
+        ca, sa, _ = tgate_scheduler(cur_step=step, **params)
+        cross_row.append(Decision.REUSE if ca["reuse"] else Decision.COMPUTE)
+        self_row.append(Decision.REUSE if sa["reuse"] else Decision.COMPUTE)
+    return tuple(self_row), tuple(cross_row)
+
+
+@pytest.mark.parametrize("params", [
+    dict(gate_step=10, sp_interval=5, fi_interval=1, warm_up=2),
+    dict(gate_step=6, sp_interval=2, fi_interval=3, warm_up=0),
+    dict(gate_step=1, sp_interval=1, fi_interval=2, warm_up=4),
+])
+def test_rows_match_the_release_scheduler(params):
+    assert gate_rows(20, **params) == release_rows(20, **params)
+    self_row, cross_row = gate_rows(20, 10, 5, 1, 2)
+    assert symbols(self_row) == "###..#...###########" and symbols(cross_row) == "#" * 10 + "." * 10
+
+
+def denoiser_batches(pipe):
+    seen = []
+    # conv_in: inside the denoiser, so it sees the batch after the guidance drop
+    handle = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    return seen, handle
+
+
+@pytest.mark.parametrize("params", [dict(gate_step=4), dict(gate_step=3, sp_interval=2, fi_interval=2, warm_up=0)])
+def test_same_images_as_the_authors_release(sd_pipe, params):
+    ours_method = TGate(**params)
+    acc = fastdiff.apply(sd_pipe, ours_method, count_flops=True)
+    seen, handle = denoiser_batches(sd_pipe)
+    ours = run(sd_pipe, steps=8)
+    handle.remove()
+    acc.remove()
+    # guidance drop: one half-batch pass per step from the gate on
+    assert seen == [2] * ours_method.gate_step + [1] * (8 - ours_method.gate_step)
+    release = tgate_release.TgateSDLoader(sd_pipe)
+    full = dict(sp_interval=5, fi_interval=1, warm_up=2) | params
+    theirs = release.tgate("a red circle", num_inference_steps=8, height=32, width=32, output_type="np",
+                           generator=torch.Generator("cpu").manual_seed(0), **full).images
+    assert np.array_equal(ours, theirs)
+
+
+def test_ledger_follows_the_plan_and_reuse_nothing_is_exact(sd_pipe):
+    vanilla = run(sd_pipe)
+    acc = fastdiff.apply(sd_pipe, TGate(gate_step=6, sp_interval=1))  # gate at the last step: nothing reused
+    assert np.array_equal(run(sd_pipe), vanilla)
+    assert acc.report().module_calls_avoided == 0
+    acc.remove()
+    acc = fastdiff.apply(sd_pipe, TGate(gate_step=3, sp_interval=2, warm_up=0, fi_interval=2))
+    run(sd_pipe)
+    plan = acc.plan_for(6)
+    for module, row in plan.rows.items():
+        assert [e.decision for e in acc.ledger.modules if e.module == module] == list(row)
+    assert any(m.endswith("attn2") for m in plan.modules) and any(m.endswith("attn1") for m in plan.modules)
+
+
+def test_user_attention_processors_are_kept(sd_pipe):
+    calls = []
+
+    class Counting(AttnProcessor):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            calls.append(attn)
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    processor = Counting()
+    sd_pipe.unet.set_attn_processor(processor)
+    before = dict(sd_pipe.unet.attn_processors)
+    acc = fastdiff.apply(sd_pipe, TGate(gate_step=3))
+    run(sd_pipe)
+    assert all(p is processor for p in sd_pipe.unet.attn_processors.values())
+    assert calls  # the user's processor did the computing
+    acc.remove()
+    assert sd_pipe.unet.attn_processors == before
+
+
+def test_sdxl_and_pixart(sdxl_pipe, pixart_pipe):
+    for pipe, denoiser in ((sdxl_pipe, "unet"), (pixart_pipe, "transformer")):
+        seen = []
+        first = pipe.unet.conv_in if denoiser == "unet" else pipe.transformer.pos_embed
+        handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+        acc = fastdiff.apply(pipe, TGate(gate_step=3))
+        out = run(pipe, steps=5)
+        handle.remove()
+        assert np.isfinite(out).all() and seen == [2, 2, 2, 1, 1]
+        assert acc.report().module_calls_avoided > 0
+        acc.remove()
+
+
+def test_sdxl_keep_half_uncond_matches_the_release(sdxl_pipe):
+    acc = fastdiff.apply(sdxl_pipe, TGate(gate_step=3, keep_half="uncond"))
+    ours = run(sdxl_pipe, steps=5)
+    acc.remove()
+    acc = fastdiff.apply(sdxl_pipe, TGate(gate_step=3))
+    cond = run(sdxl_pipe, steps=5)
+    acc.remove()
+    release = tgate_release.TgateSDXLLoader(sdxl_pipe)
+    theirs = release.tgate("a red circle", num_inference_steps=5, height=32, width=32, gate_step=3, output_type="np",
+                           generator=torch.Generator("cpu").manual_seed(0)).images
+    assert np.abs(ours - theirs).max() < 1e-5
+    assert not np.array_equal(cond, ours)  # the pooled text embedding differs between halves
+
+
+def test_composes_with_deepcache(sd_pipe):
+    results = {}
+    for name, methods in {"deepcache": [fastdiff.DeepCache(interval=2)], "tgate": [TGate(gate_step=3)],
+                          "both": [fastdiff.DeepCache(interval=2), TGate(gate_step=3)]}.items():
+        acc = fastdiff.apply(sd_pipe, *methods, count_flops=True)
+        out = run(sd_pipe, steps=8)
+        results[name] = (acc.report().flops_run, out)
+        acc.remove()
+    assert results["both"][0] < min(results["deepcache"][0], results["tgate"][0])
+    assert np.isfinite(results["both"][1]).all()
+
+
+def test_bad_input(sd_pipe, dit_pipe):
+    for name in ("gate_step", "sp_interval", "fi_interval"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            TGate(**{name: 0})
+    with pytest.raises(ValueError, match="warm_up must be an integer >= 0"):
+        TGate(warm_up=-1)
+    with pytest.raises(ValueError, match="keep_half must be one of"):
+        TGate(keep_half="both")
+    with pytest.raises(ValueError, match=r"gate_step=30 is outside the 20 steps"):
+        fastdiff.apply(sd_pipe, TGate(gate_step=30)).plan_for(20)
+    with pytest.raises(TypeError, match="DiTTransformer2DModel has none"):
+        fastdiff.apply(dit_pipe, TGate())
+    assert not hasattr(dit_pipe, "acceleration")
