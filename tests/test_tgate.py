@@ -149,3 +149,19 @@ def test_bad_input(sd_pipe, dit_pipe):
     with pytest.raises(TypeError, match="DiTTransformer2DModel has none"):
         fastdiff.apply(dit_pipe, TGate())
     assert not hasattr(dit_pipe, "acceleration")
+
+
+def test_composes_with_block_caching_and_encoder_propagation(sd_pipe):
+    block = fastdiff.BlockCache.calibrate(sd_pipe, ["a red circle"], steps=8, threshold=0.3, height=32, width=32)
+    acc = fastdiff.apply(sd_pipe, block, TGate(gate_step=4))  # blocks contain the attention modules
+    assert np.isfinite(run(sd_pipe, steps=8)).all()
+    assert {m.method for m in acc.report().modules} == {"blockcache", "tgate"}
+    acc.remove()
+    outputs = []
+    for batch in (False, True):  # the guidance drop nests outside the stacking of steps
+        for methods in ([fastdiff.EncoderPropagation(key_steps=[0, 2, 5], batch_decoders=batch), TGate(gate_step=4)],
+                        [TGate(gate_step=4), fastdiff.EncoderPropagation(key_steps=[0, 2, 5], batch_decoders=batch)]):
+            acc = fastdiff.apply(sd_pipe, *methods)
+            outputs.append(run(sd_pipe, steps=8))
+            acc.remove()
+    assert all(np.abs(out - outputs[0]).max() < 1e-5 for out in outputs)

@@ -25,7 +25,7 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, batch_multiple, tile_batch
+from ..core.rules import ReuseRule, batch_multiple, first_input, tile_batch
 
 if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
@@ -59,11 +59,38 @@ def parse_key_steps(value: str | Sequence[int]) -> str | tuple[int, ...]:
     return tuple(int(k) for k in value)
 
 
+class _EncoderLive:
+    """The batch of one step in the denoiser call in progress (a batched call stacks several)."""
+
+    def __init__(self) -> None:
+        self.step_batch = 0
+        self.kept_batch = 0  # per-step batch of the features kept at the last key step
+
+
 class EncoderRule(ReuseRule):
-    """Gives the kept encoder output back, tiled when a batched-decoder call stacks several steps."""
+    """Gives the kept encoder output back, tiled when a batched-decoder call stacks several steps.
+
+    Features kept for another per-step batch (another method halved the guidance batch since
+    the key step) do not fit and are computed afresh.
+    """
+
+    def __init__(self, live: _EncoderLive) -> None:
+        self.live = live
+
+    def reset(self) -> None:
+        self.live.kept_batch = 0
+
+    def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
+        x = first_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.dim():
+            self.live.kept_batch = x.shape[0]
+        return output
 
     def restore(self, kept: Any, args: tuple, kwargs: dict, step: int, signature: tuple,
                 kept_signature: tuple | None) -> Any | None:
+        kept_batch = next((shape[0] for _, shape, _, _ in kept_signature or () if shape), None)
+        if self.live.step_batch and kept_batch != self.live.step_batch:
+            return None
         if signature == kept_signature:
             return kept
         times = batch_multiple(signature, kept_signature or ())
@@ -94,6 +121,7 @@ class EncoderPropagation(Method):
     injection_below: float = 0.5
 
     def __post_init__(self) -> None:
+        self._live = _EncoderLive()
         self.key_steps = parse_key_steps(self.key_steps)
         if self.interval is not None:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -154,10 +182,12 @@ class EncoderPropagation(Method):
         return {path: row for path in self.modules(denoiser)}
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
-        return EncoderRule()
+        return EncoderRule(self._live)
 
     # -- batched decoders ----------------------------------------------------------------------
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
+        sample = _sample(args, kwargs)
+        self._live.step_batch = sample.shape[0] if sample is not None and sample.dim() else 0
         if not self.batch_decoders:
             return forward(*args, **kwargs)
         state = runtime.call_state(self)
@@ -170,7 +200,8 @@ class EncoderPropagation(Method):
                 return output
         if runtime.decision("conv_in") is not Decision.REUSE or runtime.clock.num_steps is None:
             return forward(*args, **kwargs)
-        run = self._run_length(runtime, step)
+        # stacking is only right when every stacked step reuses the same kept encoder features
+        run = self._run_length(runtime, step) if self._live.kept_batch == self._live.step_batch else 1
         batched = _batched_inputs(runtime, args, kwargs, step, run) if run > 1 else None
         if batched is None:
             return forward(*args, **kwargs)
@@ -185,9 +216,10 @@ class EncoderPropagation(Method):
     def _run_length(self, runtime: Accelerator, step: int) -> int:
         """Non-key steps from ``step`` up to the next key step, capped by ``max_batch_steps``."""
         plan = runtime.plan_for(runtime.clock.num_steps)
-        length = 0
-        while (step + length < plan.num_steps and length < self.max_batch_steps
-               and plan.decision("conv_in", step + length) is Decision.REUSE):
+        length = 1
+        while (length < self.max_batch_steps and step + length < plan.num_steps
+               and plan.decision("conv_in", step + length) is Decision.REUSE
+               and runtime.can_stack(self, step, step + length)):
             length += 1
         return length
 

@@ -22,7 +22,7 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, first_input, main_tensor, with_main_tensor
+from ..core.rules import ReuseRule, first_input, main_tensor, tile_batch, with_main_tensor
 
 if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
@@ -76,6 +76,7 @@ class _GateLive:
 
     def __init__(self) -> None:
         self.halves = False
+        self.batch = 0  # the guidance batch of the denoiser call (another method may stack steps after it)
 
 
 class GateRule(ReuseRule):
@@ -89,6 +90,9 @@ class GateRule(ReuseRule):
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
         tensor = main_tensor(output)
         if step == self.gate_step - 1 and self.live.halves and tensor is not None and tensor.shape[0] % 2 == 0:
+            batch = self.live.batch
+            if batch and tensor.shape[0] > batch and tensor.shape[0] % batch == 0:
+                tensor = tensor[:batch]  # steps stacked behind this one (batched decoders): this step's rows
             uncond, cond = tensor.chunk(2)
             return with_main_tensor(output, (uncond + cond) / 2)
         return output
@@ -98,9 +102,13 @@ class GateRule(ReuseRule):
         tensor, current = main_tensor(kept), first_input(args, kwargs)
         if tensor is None or not isinstance(current, torch.Tensor):
             return kept if signature == kept_signature else None
-        if tensor.shape != current.shape or tensor.device != current.device or tensor.dtype != current.dtype:
+        if tensor.shape[1:] != current.shape[1:] or tensor.device != current.device or tensor.dtype != current.dtype:
             return None
-        return kept
+        if tensor.shape[0] == current.shape[0]:
+            return kept
+        if tensor.shape[0] and current.shape[0] % tensor.shape[0] == 0:  # steps stacked into one call
+            return tile_batch(kept, current.shape[0] // tensor.shape[0])
+        return None
 
 
 @dataclass
@@ -120,6 +128,7 @@ class TGate(Method):
 
     spec_name = "tgate"
     spec_keys = ("gate_step",)
+    wrap_order = 10  # halves the guidance batch before anything stacks steps into it
 
     gate_step: int = 10
     sp_interval: int = 5
@@ -162,11 +171,16 @@ class TGate(Method):
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
         return GateRule(self._live, self.gate_step)
 
+    def step_barriers(self, num_steps: int) -> set[int]:
+        # the mean is kept at gate_step - 1 and guidance is dropped from gate_step on
+        return {self.gate_step - 1, self.gate_step}
+
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
         halves = _guidance_batched(runtime)
         sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
         self._live.halves = halves and batch % 2 == 0 and batch > 0
+        self._live.batch = batch
         if not self._live.halves or runtime.clock.step < self.gate_step:
             return forward(*args, **kwargs)
         part = 1 if self.keep_half == "cond" else 0

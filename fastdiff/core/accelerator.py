@@ -88,7 +88,7 @@ class Accelerator:
         self.ledger = Ledger()
         preferred = next((n for m in self.methods if (n := m.preferred_steps()) is not None), None)
         self.default_steps = default_steps or preferred or pipeline_default_steps(pipe)
-        self._wrappers = [m for m in self.methods if m.overrides("wrap_denoiser")]
+        self._wrappers = sorted((m for m in self.methods if m.overrides("wrap_denoiser")), key=lambda m: m.wrap_order)
         self._step_watchers = [m for m in self.methods if m.overrides("after_scheduler_step")]
         self._call_state: dict[int, dict[str, Any]] = {}
         self.call_arguments: dict[str, Any] = {}  # of the pipeline call in progress, by name
@@ -240,6 +240,17 @@ class Accelerator:
         for method in reversed(self._wrappers):
             call = functools.partial(_wrapped_call, method, self, call)
         return call(*args, **kwargs)
+
+    def can_stack(self, method: Method, step: int, later: int) -> bool:
+        """Whether ``method`` may compute step ``later``'s denoiser work inside step ``step``'s call:
+        every other method's modules decide the same at both, and no method marks ``later``."""
+        plan = self.plan_for(self.clock.num_steps or self.default_steps)
+        if later >= plan.num_steps:
+            return False
+        if any(later in other.step_barriers(plan.num_steps) for other in self.methods if other is not method):
+            return False
+        return all(plan.decision(module, step) is plan.decision(module, later)
+                   for module, owner in plan.owners.items() if owner != method.name)
 
     def call_state(self, method: Method) -> dict[str, Any]:
         """Scratch space of ``method`` for the current pipeline call (emptied at its start and end)."""

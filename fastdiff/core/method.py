@@ -31,6 +31,9 @@ class Method:
 
     spec_name: ClassVar[str] = ""
     spec_keys: ClassVar[tuple[str, ...]] = ()  # parameters always shown in spec(), even at default
+    # methods that change the denoiser call nest in this order, lowest outermost: a method that
+    # reads the guidance halves must see the batch before one that stacks steps into it
+    wrap_order: ClassVar[int] = 50
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -53,6 +56,12 @@ class Method:
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
         """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
         return None
+
+    def step_barriers(self, num_steps: int) -> set[int]:
+        """Steps whose work must run in their own denoiser call: this method's behaviour changes
+        there in ways the plan does not show (e.g. T-GATE's gate), so another method must not
+        compute them ahead inside an earlier call."""
+        return set()
 
     def preferred_steps(self) -> int | None:
         """The step count this method was prepared for, if any (a calibrated schedule)."""
