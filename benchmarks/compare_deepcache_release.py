@@ -9,8 +9,6 @@ whether the two DeepCache images are identical. Needs the test extra (``DeepCach
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import time
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from DeepCache import DeepCacheSDHelper
 
 import fastdiff
+from fastdiff.evals.bench import print_medians, shuffled_rounds
 from fastdiff.models import build_builtin
 
 
@@ -54,20 +53,8 @@ def main() -> None:
             accelerator.remove()
 
     runners = {"vanilla": call, "release": release, "fastdiff": ours}
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    images: dict[str, np.ndarray] = {}
-    order = list(runners)
-    rng = random.Random(0)
-    for i in range(args.repeats + 1):  # the first round warms up
-        rng.shuffle(order)
-        for name in order:
-            elapsed, images[name] = runners[name]()
-            if i:
-                times[name].append(elapsed)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name:9} median {medians[name]:.2f} s  runs {[round(v, 2) for v in values]}  "
-              f"speedup {medians['vanilla'] / medians[name]:.2f}x")
+    times, images = shuffled_rounds(runners, args.repeats)
+    print_medians(times)
     print("max |fastdiff - release| =", float(np.abs(images["fastdiff"] - images["release"]).max()))
 
 

@@ -10,8 +10,6 @@ the release's (same parameters, same seed). Needs the test extra (``tgate==1.0.0
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import time
 
 import numpy as np
@@ -20,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from tgate import TgateSDLoader
 
 import fastdiff
+from fastdiff.evals.bench import print_medians, psnr, shuffled_rounds
 from fastdiff.models import build_builtin
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -71,26 +70,12 @@ def main() -> None:
         "fastdiff DeepCache": accelerated(fastdiff.DeepCache(interval=args.interval)),
         "fastdiff DeepCache+TGate": accelerated(fastdiff.DeepCache(interval=args.interval), fastdiff.TGate(**gate)),
     }
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    images: dict[str, np.ndarray] = {}
-    order = list(runners)
-    rng = random.Random(0)
-    for i in range(args.repeats + 1):  # the first round warms up
-        rng.shuffle(order)
-        for name in order:
-            elapsed, images[name] = runners[name]()
-            if i:
-                times[name].append(elapsed)
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, values in times.items():
-        print(f"{name:26} median {medians[name]:6.2f} s  runs {[round(v, 2) for v in values]}  "
-              f"speedup {medians['vanilla'] / medians[name]:.2f}x")
+    times, images = shuffled_rounds(runners, args.repeats)
+    print_medians(times)
     diff = float(np.abs(images["fastdiff TGate"] - images["tgate release"]).max())
     print(f"max |fastdiff TGate - release| = {diff}")
-    vanilla = images["vanilla"].astype(np.float64)
     for name in runners:
-        mse = float(np.mean((images[name].astype(np.float64) - vanilla) ** 2))
-        print(f"PSNR vs vanilla, {name}: {'inf' if mse == 0 else f'{10 * np.log10(1 / mse):.2f} dB'}")
+        print(f"PSNR vs vanilla, {name}: {psnr(images[name], images['vanilla']):.2f} dB")
 
 
 if __name__ == "__main__":

@@ -164,3 +164,34 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
 
 def write(result: BenchResult, path: str | Path) -> None:
     Path(path).write_text(result.to_json())
+
+
+def shuffled_rounds(runners: dict[str, Any], repeats: int, seed: int = 0) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run every ``runner() -> (seconds, output)`` once per round in a shuffled order; the first
+    round warms up. Returns the timed seconds and the last output of each, by name.
+
+    Shuffling spreads slow drifts of the machine (heat, background load) over all settings
+    instead of charging them to whichever always runs last.
+    """
+    import random
+
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    outputs: dict[str, Any] = {}
+    order = list(runners)
+    rng = random.Random(seed)
+    for i in range(repeats + 1):
+        rng.shuffle(order)
+        for name in order:
+            elapsed, outputs[name] = runners[name]()
+            if i:
+                times[name].append(elapsed)
+    return times, outputs
+
+
+def print_medians(times: dict[str, list[float]], reference: str = "vanilla") -> dict[str, float]:
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    width = max(len(name) for name in times)
+    for name, values in times.items():
+        print(f"{name:{width}} median {medians[name]:6.2f} s  runs {[round(v, 2) for v in values]}  "
+              f"speedup {medians[reference] / medians[name]:.2f}x")
+    return medians
