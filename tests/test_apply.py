@@ -48,8 +48,8 @@ def test_branch_deeper_than_unet(sd_pipe):
 
 
 def test_unsupported_denoiser(pixart_pipe):
-    with pytest.raises(TypeError, match="DeepCache acts on UNet denoisers.*PixArtTransformer2DModel"):
-        fastdiff.apply(pixart_pipe, fastdiff.DeepCache())
+    with pytest.raises(TypeError, match="EncoderPropagation needs a UNet.*PixArtTransformer2DModel"):
+        fastdiff.apply(pixart_pipe, fastdiff.EncoderPropagation())
     assert "acceleration" not in pixart_pipe.__dict__
 
 

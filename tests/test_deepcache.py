@@ -239,3 +239,24 @@ def test_cache_memory_is_reported(sd_pipe):
     acc = fastdiff.apply(sd_pipe, fastdiff.DeepCache(interval=1))
     run(sd_pipe, steps=4)
     assert acc.report().peak_cache_bytes == 0  # nothing reused, nothing kept
+
+
+def test_transformer_denoisers_cache_the_middle_blocks(dit_pipe, pixart_pipe):
+    blocks = len(dit_pipe.transformer.transformer_blocks)
+    generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    vanilla = dit_pipe(class_labels=[1], num_inference_steps=6, generator=generator(), output_type="np").images
+    acc = fastdiff.apply(dit_pipe, fastdiff.DeepCache(interval=1))
+    assert np.array_equal(dit_pipe(class_labels=[1], num_inference_steps=6, generator=generator(),
+                                   output_type="np").images, vanilla)
+    acc.remove()
+    acc = fastdiff.apply(dit_pipe, fastdiff.DeepCache(interval=3, branch=0), count_flops=True)
+    cached = dit_pipe(class_labels=[1], num_inference_steps=6, generator=generator(), output_type="np").images
+    assert acc.plan.modules == [f"transformer_blocks.{i}" for i in range(blocks)]
+    assert acc.report().module_calls_avoided == blocks * 4  # steps 1, 2, 4, 5 reuse
+    assert acc.report().flops_saved > 0 and not np.array_equal(cached, vanilla) and np.isfinite(cached).all()
+    acc.remove()
+    with pytest.raises(ValueError, match=r"keeps \d+ of the \d+ transformer blocks live"):
+        fastdiff.apply(dit_pipe, fastdiff.DeepCache(branch=(blocks + 1) // 2))
+    acc = fastdiff.apply(pixart_pipe, fastdiff.DeepCache(interval=2), fastdiff.TGate(gate_step=3))
+    assert np.isfinite(run(pixart_pipe, steps=5)).all()
+    assert {m.method for m in acc.report().modules} == {"deepcache", "tgate"}

@@ -17,6 +17,9 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
+from ..core.rules import ReuseRule
+from .block_cache import BlockRule
+from .blocks import is_transformer
 
 MODES = ("uniform", "nonuniform")
 LAYERS_PER_LEVEL = 3  # branch ids per resolution level: the up blocks' resnet count in SD-style UNets
@@ -25,8 +28,8 @@ LAYERS_PER_LEVEL = 3  # branch ids per resolution level: the up blocks' resnet c
 def _require_unet(denoiser: torch.nn.Module) -> None:
     if not (hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")):
         raise TypeError(
-            f"DeepCache acts on UNet denoisers (with down_blocks/up_blocks, e.g. UNet2DConditionModel); "
-            f"got {type(denoiser).__name__}"
+            f"DeepCache acts on UNet denoisers (with down_blocks/up_blocks, e.g. UNet2DConditionModel) "
+            f"and transformer denoisers (transformer_blocks); got {type(denoiser).__name__}"
         )
 
 
@@ -98,8 +101,24 @@ class DeepCache(Method):
             )
         return divmod(self.branch, LAYERS_PER_LEVEL)
 
+    def _transformer_paths(self, denoiser: torch.nn.Module) -> list[str]:
+        count = len(denoiser.transformer_blocks)
+        if 2 * self.branch >= count:
+            raise ValueError(
+                f"DeepCache: branch={self.branch} keeps {2 * self.branch} of the {count} transformer blocks live, "
+                f"leaving none to cache; allowed 0..{(count - 1) // 2}"
+            )
+        return [f"transformer_blocks.{i}" for i in range(self.branch, count - self.branch)]
+
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
-        """Maximal subtrees deeper than the branch, in execution order."""
+        """Maximal subtrees deeper than the branch, in execution order.
+
+        On a transformer (DiT, PixArt) the blocks between the first ``branch`` and the last
+        ``branch`` are cached; each keeps what it adds to its input, so the live blocks around
+        them still see the current step.
+        """
+        if is_transformer(denoiser):
+            return self._transformer_paths(denoiser)
         level, layer = self._branch(denoiser)
         paths: list[str] = []
         for i, block in enumerate(denoiser.down_blocks):
@@ -132,6 +151,9 @@ class DeepCache(Method):
         count = math.ceil(num_steps / self.interval)
         center = self.center if self.center is not None else round(0.3 * num_steps)
         return centered_full_steps(num_steps, count, center, self.power)
+
+    def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
+        return BlockRule(residual=True, alignment=None) if is_transformer(denoiser) else None
 
     def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
         full = set(self.full_steps(num_steps))
