@@ -28,7 +28,7 @@ from ..core.method import Method
 from ..core.plan import Decision, Plan
 from ..core.rules import ReuseRule, first_input, main_tensor, with_main_tensor
 from .block_schedule import kept_fraction, schedule_from_changes, threshold_for_budget
-from .blocks import GRANULARITIES, block_paths, fingerprint
+from .blocks import GRANULARITIES, fingerprint
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -296,19 +296,6 @@ class BlockCache(Method):
 
     def plan(self) -> Plan:
         return Plan.merge(self._calibration().num_steps, [(self.name, self.rows())])
-
-    def spec(self) -> str:
-        parts = []
-        for name in ("threshold", "budget"):
-            value = getattr(self, name)
-            if value is not None:
-                parts.append(f"{name}={value:g}")
-        for f in dataclasses.fields(self):
-            if f.name in ("threshold", "budget", "calibration"):
-                continue
-            if getattr(self, f.name) != f.default:
-                parts.append(f"{f.name}={getattr(self, f.name)}")
-        return f"{self.spec_name}:{','.join(parts)}" if parts else self.spec_name
 
     def prepare(self, pipe: DiffusionPipeline, *, steps: int, prompts: Sequence[str], **call_kwargs: Any) -> BlockCache:
         if self.calibration is not None:

@@ -28,8 +28,6 @@ from .blocks import block_paths, fingerprint
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-    from ..core.clock import StepClock
-
 _EPS = 1e-12
 
 

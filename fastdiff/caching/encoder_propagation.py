@@ -18,14 +18,14 @@ round(k · steps / 50). ``interval=k`` gives key steps 0, k, 2k, ...
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, batch_multiple, first_input, tile_batch
+from ..core.rules import ReuseRule, batch_multiple, denoiser_sample, first_input, map_batched, tile_batch
 
 if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
@@ -119,9 +119,9 @@ class EncoderPropagation(Method):
     noise_injection: bool = False
     injection_strength: float = 0.003
     injection_below: float = 0.5
+    _live: _EncoderLive = field(default_factory=_EncoderLive, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._live = _EncoderLive()
         self.key_steps = parse_key_steps(self.key_steps)
         if self.interval is not None:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -186,7 +186,7 @@ class EncoderPropagation(Method):
 
     # -- batched decoders ----------------------------------------------------------------------
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
-        sample = _sample(args, kwargs)
+        sample = denoiser_sample(args, kwargs)
         self._live.step_batch = sample.shape[0] if sample is not None and sample.dim() else 0
         if not self.batch_decoders:
             return forward(*args, **kwargs)
@@ -196,7 +196,7 @@ class EncoderPropagation(Method):
         ready = served.pop((step, ordinal), None)
         if ready is not None:
             expected_sample, output = ready
-            if _sample(args, kwargs) is not None and tuple(_sample(args, kwargs).shape) == expected_sample:
+            if sample is not None and tuple(sample.shape) == expected_sample:
                 return output
         if runtime.decision("conv_in") is not Decision.REUSE or runtime.clock.num_steps is None:
             return forward(*args, **kwargs)
@@ -208,7 +208,7 @@ class EncoderPropagation(Method):
         b_args, b_kwargs, batch = batched
         output = forward(*b_args, **b_kwargs)
         chunks = _split_output(output, batch, run)
-        sample_shape = tuple(_sample(args, kwargs).shape)
+        sample_shape = tuple(sample.shape)
         for i in range(1, run):
             served[(step + i, ordinal)] = (sample_shape, chunks[i])
         return chunks[0]
@@ -243,11 +243,6 @@ class EncoderPropagation(Method):
         return output
 
 
-def _sample(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    value = args[0] if args else kwargs.get("sample")
-    return value if isinstance(value, torch.Tensor) else None
-
-
 def _timestep_at(scheduler: Any, step: int) -> float | None:
     """The timestep the pipeline's loop passes at ``step`` of this call (None past the end)."""
     timesteps = getattr(scheduler, "timesteps", None)
@@ -267,7 +262,7 @@ def _batched_inputs(runtime: Accelerator, args: tuple, kwargs: dict, step: int,
     """
     if any(kwargs.get(name) is not None for name in PER_STEP_RESIDUALS):
         return None
-    sample = _sample(args, kwargs)
+    sample = denoiser_sample(args, kwargs)
     if sample is None:
         return None
     batch = sample.shape[0]
@@ -285,11 +280,7 @@ def _batched_inputs(runtime: Accelerator, args: tuple, kwargs: dict, step: int,
     stacked = torch.tensor(futures, dtype=dtype, device=sample.device).repeat_interleave(batch)
 
     def tile(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return tile_batch(value, run) if value.dim() and value.shape[0] == batch else value
-        if isinstance(value, dict):
-            return {k: tile(v) for k, v in value.items()}
-        return value
+        return map_batched(value, batch, lambda tensor: tile_batch(tensor, run))
 
     new_args = list(args)
     new_kwargs = {k: tile(v) for k, v in kwargs.items() if k not in ("sample", "timestep")}

@@ -22,7 +22,7 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, first_input, main_tensor, tile_batch, with_main_tensor
+from ..core.rules import ReuseRule, denoiser_sample, first_input, main_tensor, map_batched, tile_batch, with_main_tensor
 
 if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
@@ -147,13 +147,6 @@ class TGate(Method):
         if self.keep_half not in HALVES:
             raise ValueError(f"TGate: keep_half must be one of {HALVES}, got {self.keep_half!r}")
 
-    def spec(self) -> str:
-        values = [f"gate_step={self.gate_step}"]
-        for name, default in (("sp_interval", 5), ("fi_interval", 1), ("warm_up", 2), ("keep_half", "cond")):
-            if getattr(self, name) != default:
-                values.append(f"{name}={getattr(self, name)}")
-        return f"{self.spec_name}:{','.join(values)}"
-
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         self_attn, cross_attn = attention_paths(denoiser)
         return self_attn + cross_attn
@@ -177,14 +170,15 @@ class TGate(Method):
 
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
         halves = _guidance_batched(runtime)
-        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
+        sample = denoiser_sample(args, kwargs)
+        batch = sample.shape[0] if sample is not None and sample.dim() else 0
         self._live.halves = halves and batch % 2 == 0 and batch > 0
         self._live.batch = batch
         if not self._live.halves or runtime.clock.step < self.gate_step:
             return forward(*args, **kwargs)
         part = 1 if self.keep_half == "cond" else 0
-        output = forward(*_half(args, batch, part), **_half(kwargs, batch, part))
+        half = lambda tensor: tensor.chunk(2)[part]  # noqa: E731
+        output = forward(*map_batched(args, batch, half), **map_batched(kwargs, batch, half))
         return _doubled(output)
 
 
@@ -202,19 +196,6 @@ def _guidance_batched(runtime: Accelerator) -> bool:
             pass
     scale = runtime.call_arguments.get("guidance_scale")
     return isinstance(scale, (int, float)) and scale > 1.0
-
-
-def _half(value: Any, batch: int, part: int) -> Any:
-    """Every tensor with the guidance batch keeps one half (recursively in tuples/lists/dicts)."""
-    if isinstance(value, torch.Tensor):
-        return value.chunk(2)[part] if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_half(v, batch, part) for v in value)
-    if isinstance(value, list):
-        return [_half(v, batch, part) for v in value]
-    if isinstance(value, dict):
-        return {k: _half(v, batch, part) for k, v in value.items()}
-    return value
 
 
 def _doubled(output: Any) -> Any:

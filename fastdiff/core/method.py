@@ -86,11 +86,13 @@ class Method:
         return getattr(type(self), name) is not getattr(Method, name)
 
     def spec(self) -> str:
-        """The inverse of :func:`parse_method`."""
+        """The inverse of :func:`parse_method`; fields declared with ``repr=False`` (loaded data,
+        per-call state) are not parameters and are left out."""
         values = ",".join(
             f"{f.name}={getattr(self, f.name)}"
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
-            if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default or f.name in self.spec_keys
+            if f.repr and (f.default is dataclasses.MISSING or getattr(self, f.name) != f.default
+                           or f.name in self.spec_keys)
         )
         return f"{self.spec_name}:{values}" if values else self.spec_name
 
@@ -128,7 +130,7 @@ def parse_method(spec: str) -> Method:
         raise ValueError(f"--method {spec!r}: unknown method {name!r}; allowed: {sorted(METHODS)}")
     cls = METHODS[name]
     hints = typing.get_type_hints(cls)
-    fields = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in params.split(","))):
         key, sep, value = item.partition("=")

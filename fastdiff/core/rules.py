@@ -122,3 +122,22 @@ class ReuseRule:
 
 
 DEFAULT_RULE = ReuseRule()
+
+
+def denoiser_sample(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The latent a denoiser was called on: first positional, ``sample`` (UNets) or ``hidden_states``
+    (transformers)."""
+    value = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def map_batched(value: Any, batch: int, fn: Any) -> Any:
+    """``fn`` applied to every tensor whose leading dimension is ``batch`` (recursively in tuples,
+    lists and dicts); everything else as it is. How a method reshapes one denoiser call's batch."""
+    if isinstance(value, torch.Tensor):
+        return fn(value) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_batched(v, batch, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_batched(v, batch, fn) for k, v in value.items()}
+    return value
