@@ -215,6 +215,12 @@ def test_bad_input(sd_pipe):
     with pytest.raises(ValueError, match="needs a calibration"):
         fastdiff.apply(sd_pipe, BlockCache(threshold=0.1))
     assert not hasattr(sd_pipe, "acceleration")
+    for name, value in (("granularity", "pixel"), ("cache", "delta"), ("budget_by", "seconds")):
+        with pytest.raises(ValueError, match=f"BlockCache: {name} must be one of"):
+            BlockCache(**{name: value})
+    plain = calibrate(sd_pipe, steps=3)
+    with pytest.raises(ValueError, match="align=True needs a calibration made with align=True"):
+        BlockCache(threshold=0.2, align=True, calibration=plain.calibration)
 
 
 def test_cli_spec_calibrates_through_prepare(sd_pipe):

@@ -84,6 +84,14 @@ def test_calibrate_then_generate_with_the_saved_calibration(tmp_path, capsys):
     assert exc.value.code == 2 and "calibrated for 4 steps" in capsys.readouterr().err
 
 
+def test_calibrate_bad_option_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "tiny-sd", "--steps", "3", "--granularity", "pixel",
+              "--out", str(tmp_path / "c.json")])
+    assert exc.value.code == 2 and "granularity must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_encoder_propagation_on_the_command_line(tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "--model", "tiny-sd", "--steps", "6", "--out", str(out), "--show-plan",

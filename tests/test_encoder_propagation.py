@@ -166,6 +166,12 @@ def test_bad_input(sd_pipe, dit_pipe):
         EncoderPropagation(key_steps=[0, -1])
     with pytest.raises(ValueError, match="interval must be an integer >= 1"):
         EncoderPropagation(interval=0)
+    with pytest.raises(ValueError, match="max_batch_steps must be an integer >= 1"):
+        EncoderPropagation(max_batch_steps=0)
+    with pytest.raises(ValueError, match="injection_strength must be >= 0"):
+        EncoderPropagation(injection_strength=-0.1)
+    with pytest.raises(ValueError, match=r"injection_below must be in \[0, 1\]"):
+        EncoderPropagation(injection_below=1.5)
     with pytest.raises(ValueError, match="key_steps or interval, not both"):
         EncoderPropagation(key_steps=[0, 2], interval=2)
     with pytest.raises(ValueError, match="key_steps must be 'paper' or step indices"):
