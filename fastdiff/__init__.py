@@ -3,7 +3,7 @@
     acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=3))
 """
 
-from .caching import BlockCache, BlockCacheCalibration, DeepCache, EncoderPropagation, TGate
+from .caching import BlockCache, BlockCacheCalibration, DeepCache, EarlyExit, EncoderPropagation, TGate
 from .core import (
     Accelerator,
     Decision,
@@ -19,6 +19,6 @@ from .core import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accelerator", "BlockCache", "BlockCacheCalibration", "DeepCache", "EncoderPropagation", "TGate", "Decision", "Ledger", "Method", "Plan", "Report", "StepClock",
+    "Accelerator", "BlockCache", "BlockCacheCalibration", "DeepCache", "EarlyExit", "EncoderPropagation", "TGate", "Decision", "Ledger", "Method", "Plan", "Report", "StepClock",
     "__version__", "apply", "parse_method",
 ]

@@ -36,6 +36,8 @@ def test_generate_class_conditional(tmp_path):
     (["--model", "no-such-model-here"], "model"),
     (["--height", "30"], "height must be a multiple of 8"),
     (["--method", "deepcache:branch=40"], "branch=40 is deeper than this UNet has"),
+    (["--method", "earlyexit:schedule=99/9"], "keeps 99 units but this UNet2DConditionModel is only"),
+    (["--method", "earlyexit:schedule=1/2"], "may only stay or fall"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -97,6 +99,19 @@ def test_encoder_propagation_on_the_command_line(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-sd", "--steps", "6", "--out", str(out), "--show-plan",
                  "--method", "encoder:key_steps=0/3,batch_decoders=true"]) == 0
     assert "conv_in [encoder]" in capsys.readouterr().out
+
+
+def test_early_exit_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-pixart", "--steps", "10", "--out", str(out), "--show-plan",
+                 "--method", "earlyexit", "--method", "tgate:gate_step=5"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"transformer_blocks\.1 \[earlyexit\] +--########\n", printed)
+    assert "earlyexit:schedule=demo" in printed
+    # a calibrated schedule is measured before the timed runs
+    assert main(["bench", "--model", "tiny-dit", "--steps", "4", "--repeats", "1", "--json", str(tmp_path / "b.json"),
+                 "--method", "earlyexit:schedule=calibrated,tolerance=1e9"]) == 0
+    assert "earlyexit:schedule=calibrated" in capsys.readouterr().out
 
 
 def test_readme_quick_start_command_runs(tmp_path, monkeypatch):

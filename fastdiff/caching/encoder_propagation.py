@@ -215,7 +215,7 @@ class EncoderPropagation(Method):
 
     def _run_length(self, runtime: Accelerator, step: int) -> int:
         """Non-key steps from ``step`` up to the next key step, capped by ``max_batch_steps``."""
-        plan = runtime.plan_for(runtime.clock.num_steps)
+        plan = runtime.call_plan
         length = 1
         while (length < self.max_batch_steps and step + length < plan.num_steps
                and plan.decision("conv_in", step + length) is Decision.REUSE

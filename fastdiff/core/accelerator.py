@@ -11,19 +11,20 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clock import StepClock, steps_announced
-from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, ReuseHook
+from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, InstalledHook, ReuseHook, install_hook, uninstall_hook
 from .ledger import Ledger, ModuleEvent, Report
 from .method import Method
 from .plan import Decision, Plan
+from .rules import input_signature
+from .timeline import announced_levels, planned_levels
 
 DENOISER_NAMES = ("unet", "transformer")
 ATTRIBUTE = "acceleration"
@@ -67,14 +68,6 @@ def _accelerated_class(cls: type) -> type:
     )
 
 
-@dataclass
-class _Installed:
-    module: torch.nn.Module
-    hook_name: str
-    created_registry: bool
-    had_forward: bool
-
-
 class Accelerator:
     """Handle returned by :func:`apply`: the plan, the ledger, and ``remove()``."""
 
@@ -88,31 +81,54 @@ class Accelerator:
         self.ledger = Ledger()
         preferred = next((n for m in self.methods if (n := m.preferred_steps()) is not None), None)
         self.default_steps = default_steps or preferred or pipeline_default_steps(pipe)
+        self._timed = [m for m in self.methods if m.overrides("timed_schedule")]
         self._wrappers = sorted((m for m in self.methods if m.overrides("wrap_denoiser")), key=lambda m: m.wrap_order)
         self._step_watchers = [m for m in self.methods if m.overrides("after_scheduler_step")]
         self._call_state: dict[int, dict[str, Any]] = {}
         self.call_arguments: dict[str, Any] = {}  # of the pipeline call in progress, by name
-        self._plans: dict[int, Plan] = {}
+        self._plans: dict[Any, Plan] = {}
         self._plan: Plan | None = None
-        self._last_steps: int | None = None
-        self._installed: list[_Installed] = []
+        self._last_plan: Plan | None = None
+        self._installed: list[InstalledHook] = []
         self._reuse_hooks: list[ReuseHook] = []
         self._counter: FlopCounterMode | None = None
+        # while a vanilla shadow pass is counted: its input signature (hooks record their cost under it)
+        self.measuring: tuple | None = None
+        self.denoiser_signature: tuple | None = None  # of the innermost denoiser call in progress
+        self._shadowed: set[tuple] = set()
 
     # -- plan -----------------------------------------------------------------------------
-    def plan_for(self, num_steps: int) -> Plan:
+    def plan_for(self, num_steps: int, noise_levels: Sequence[float] | None = None) -> Plan:
+        """The plan of a call with ``num_steps`` steps. Methods whose decisions depend on the
+        timestep see ``noise_levels`` (default: those the pipeline's scheduler would visit)."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if num_steps not in self._plans:
-            self._plans[num_steps] = Plan.merge(
-                num_steps, ((m.name, m.schedule(self.denoiser, num_steps)) for m in self.methods)
-            )
-        return self._plans[num_steps]
+        key: Any = num_steps
+        if self._timed:
+            if noise_levels is None or len(noise_levels) != num_steps:
+                noise_levels = planned_levels(getattr(self.pipe, "scheduler", None), num_steps)
+            key = (num_steps, tuple(noise_levels))
+        if key not in self._plans:
+            self._plans[key] = Plan.merge(num_steps, ((m.name, self._rows(m, num_steps, noise_levels))
+                                                      for m in self.methods))
+        return self._plans[key]
+
+    def _rows(self, method: Method, num_steps: int, noise_levels: Sequence[float] | None) -> Any:
+        if method in self._timed and noise_levels is not None:
+            return method.timed_schedule(self.denoiser, noise_levels)
+        return method.schedule(self.denoiser, num_steps)
 
     @property
     def plan(self) -> Plan:
         """The plan of the last call's step count (before any call: the pipeline's default)."""
-        return self.plan_for(self._last_steps or self.default_steps)
+        if self._last_plan is not None:
+            return self._last_plan
+        return self.plan_for(self.default_steps)
+
+    @property
+    def call_plan(self) -> Plan:
+        """The plan of the call in progress (outside a call: as :attr:`plan`)."""
+        return self._plan or self.plan
 
     def report(self, call: int | None = -1) -> Report:
         return self.ledger.report(call)
@@ -134,11 +150,7 @@ class Accelerator:
         return owners
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        created = not hasattr(module, "_diffusers_hook")
-        had_forward = "forward" in module.__dict__
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        self._installed.append(_Installed(module, name, created, had_forward))
-        registry.register_hook(hook, name)
+        self._installed.append(install_hook(module, hook, name))
 
     def attach(self) -> None:
         """Validate everything first, then hook; any failure undoes what was done."""
@@ -172,16 +184,7 @@ class Accelerator:
 
     def _detach(self) -> None:
         for item in reversed(self._installed):
-            registry = getattr(item.module, "_diffusers_hook", None)
-            if registry is None:
-                continue
-            registry.remove_hook(item.hook_name, recurse=False)
-            if registry.hooks:  # someone else's hooks remain: their forward chain stays as it is
-                continue
-            if item.created_registry:
-                del item.module._diffusers_hook
-            if not item.had_forward:
-                item.module.__dict__.pop("forward", None)
+            uninstall_hook(item)
         self._installed.clear()
         self._reuse_hooks.clear()
         base = getattr(type(self.pipe), "_fastdiff_base", None)
@@ -229,14 +232,17 @@ class Accelerator:
         clock = self.clock
         clock.timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if self._plan is None:
-            steps = steps_announced(getattr(self.pipe, "scheduler", None)) or self.default_steps
+            scheduler = getattr(self.pipe, "scheduler", None)
+            steps = steps_announced(scheduler, clock.timestep) or self.default_steps
             clock.num_steps = steps
-            self._last_steps = steps
-            self._plan = self.plan_for(steps)
+            levels = announced_levels(scheduler, steps) if self._timed else None
+            self._plan = self._last_plan = self.plan_for(steps, levels)
 
     def run_denoiser(self, forward: Any, args: tuple, kwargs: dict) -> Any:
         """One denoiser call, through every method that acts at the denoiser boundary."""
         call = forward
+        if self.count_flops and self.call_plan.count(Decision.SKIP):
+            call = self._counted(forward)
         for method in reversed(self._wrappers):
             call = functools.partial(_wrapped_call, method, self, call)
         return call(*args, **kwargs)
@@ -244,7 +250,7 @@ class Accelerator:
     def can_stack(self, method: Method, step: int, later: int) -> bool:
         """Whether ``method`` may compute step ``later``'s denoiser work inside step ``step``'s call:
         every other method's modules decide the same at both, and no method marks ``later``."""
-        plan = self.plan_for(self.clock.num_steps or self.default_steps)
+        plan = self.call_plan
         if later >= plan.num_steps:
             return False
         if any(later in other.step_barriers(plan.num_steps) for other in self.methods if other is not method):
@@ -277,6 +283,30 @@ class Accelerator:
         """Running FLOP total of the denoiser call in progress; hooks difference it around a module."""
         return None if self._counter is None else self._counter.get_total_flops()
 
+    def _counted(self, forward: Any) -> Any:
+        """The innermost denoiser call, preceded (once per input signature) by a vanilla shadow pass
+        whose FLOPs every hooked module records and the call's count leaves out: the only way to
+        know what a module that is skipped would have cost there."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            key = input_signature(args, kwargs)
+            self.denoiser_signature = key
+            counter = self._counter
+            if counter is not None and key not in self._shadowed:
+                snapshot = {name: dict(counts) for name, counts in counter.flop_counts.items()}
+                self.measuring = key
+                try:
+                    forward(*args, **kwargs)
+                finally:
+                    self.measuring = None
+                    counter.flop_counts.clear()
+                    for name, counts in snapshot.items():
+                        counter.flop_counts[name].update(counts)
+                self._shadowed.add(key)
+            return forward(*args, **kwargs)
+
+        return call
+
     def decision(self, path: str) -> Decision:
         plan = self._plan
         return Decision.COMPUTE if plan is None else plan.decision(path, self.clock.step)
@@ -284,13 +314,16 @@ class Accelerator:
     def keeps_output(self, path: str) -> bool:
         return self._plan is not None and self._plan.reuses(path)
 
-    def module_finished(self, hook: ReuseHook, decision: Decision, seconds: float, flops: int | None) -> None:
+    def module_finished(self, hook: ReuseHook, decision: Decision, seconds: float, flops: int | None,
+                        skipped_flops: int | None = None) -> None:
         if decision is Decision.COMPUTE and hook.cached_bytes:
             held = sum(h.cached_bytes for h in self._reuse_hooks)
             self.ledger.note_cache_bytes(self.clock.call_index, held)
         event = ModuleEvent(self.clock.call_index, self.clock.step, hook.path, hook.method, decision, seconds)
         if decision is Decision.COMPUTE:
             event.flops = flops
+        elif decision is Decision.SKIP:
+            event.flops_saved = skipped_flops
         elif self.count_flops:
             event.flops_saved = hook.cached_flops
         self.ledger.modules.append(event)

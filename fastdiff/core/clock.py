@@ -48,13 +48,30 @@ class StepClock:
         self.__init__()  # type: ignore[misc]
 
 
-def steps_announced(scheduler: Any) -> int | None:
-    """How many loop iterations the scheduler was set up for in this call.
+def first_step(scheduler: Any, timestep: Any = None) -> int:
+    """Where in ``scheduler.timesteps`` this call's loop starts.
 
-    img2img-style pipelines start part-way through (``begin_index``); those steps never run.
+    img2img-style pipelines start part-way through: schedulers that know it say so
+    (``begin_index``); for the others the first denoiser call's timestep is found in the list
+    (only the first occurrence matters, so repeated timesteps later do not confuse it).
     """
+    begin = getattr(scheduler, "_begin_index", None)
+    if begin:
+        return int(begin)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or timestep is None:
+        return 0
+    try:
+        first = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+        values = [float(t) for t in (timesteps.tolist() if hasattr(timesteps, "tolist") else timesteps)]
+    except (TypeError, ValueError):
+        return 0
+    return next((i for i, value in enumerate(values) if value == first), 0)
+
+
+def steps_announced(scheduler: Any, timestep: Any = None) -> int | None:
+    """How many loop iterations the scheduler was set up for in this call (from its first step)."""
     timesteps = getattr(scheduler, "timesteps", None)
     if timesteps is None:
         return None
-    begin = getattr(scheduler, "_begin_index", None) or 0
-    return max(len(timesteps) - begin, 1)
+    return max(len(timesteps) - first_step(scheduler, timestep), 1)

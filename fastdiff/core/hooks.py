@@ -7,19 +7,50 @@ stack with diffusers' own hooks (offloading, its caches) and come off cleanly.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.hooks import ModelHook
+from diffusers.hooks import HookRegistry, ModelHook
 
 from .plan import Decision
-from .rules import DEFAULT_RULE, ReuseRule, first_input, input_signature
+from .rules import DEFAULT_RULE, ReuseRule, input_signature
 
 if TYPE_CHECKING:
     from .accelerator import Accelerator
 
 CLOCK_HOOK = "fastdiff.clock"
 REUSE_HOOK = "fastdiff.reuse"
+
+
+@dataclass
+class InstalledHook:
+    """Enough to take one hook off again and leave the module exactly as it was found."""
+
+    module: torch.nn.Module
+    name: str
+    created_registry: bool
+    had_forward: bool
+
+
+def install_hook(module: torch.nn.Module, hook: ModelHook, name: str) -> InstalledHook:
+    installed = InstalledHook(module, name, not hasattr(module, "_diffusers_hook"), "forward" in module.__dict__)
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    return installed
+
+
+def uninstall_hook(item: InstalledHook) -> None:
+    """Remove the hook; drop the registry and instance ``forward`` only if nobody else's hooks remain."""
+    registry = getattr(item.module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(item.name, recurse=False)
+    if registry.hooks:  # someone else's hooks remain: their forward chain stays as it is
+        return
+    if item.created_registry:
+        del item.module._diffusers_hook
+    if not item.had_forward:
+        item.module.__dict__.pop("forward", None)
 
 
 def tensor_bytes(value: Any) -> int:
@@ -79,6 +110,9 @@ class ReuseHook(ModelHook):
         self.cached_signature: tuple | None = None
         self.cached_flops: int | None = None
         self.cached_bytes = 0
+        # what this module costs when the whole denoiser runs vanilla, by the denoiser call's input
+        # signature: what a SKIP saves (a skipped module's own inputs may not be what it would have seen)
+        self.vanilla_flops: dict[tuple, int] = {}
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.clear()
@@ -96,18 +130,27 @@ class ReuseHook(ModelHook):
         forward = self.fn_ref.original_forward
         if not runtime.clock.active:
             return forward(*args, **kwargs)
+        if runtime.measuring is not None:
+            before = runtime.flops_so_far()
+            output = forward(*args, **kwargs)
+            if before is not None:
+                self.vanilla_flops[runtime.measuring] = runtime.flops_so_far() - before
+            return output
         decision = runtime.decision(self.path)
         step = runtime.clock.step
         signature = input_signature(args, kwargs)
         start = time.perf_counter()
         flops = None
+        saved = None
         output = None
         if decision is Decision.REUSE and self.cached_signature is not None:
             output = self.rule.restore(self.cached, args, kwargs, step, signature, self.cached_signature)
         if output is not None:
             decision = Decision.REUSE
         elif decision is Decision.SKIP:
-            output = first_input(args, kwargs)
+            output = self.rule.skip(args, kwargs)
+            if runtime.count_flops:
+                saved = self.vanilla_flops.get(runtime.denoiser_signature)
         else:
             decision = Decision.COMPUTE
             before = runtime.flops_so_far()
@@ -120,5 +163,5 @@ class ReuseHook(ModelHook):
                 if keeps:
                     self.cached, self.cached_signature, self.cached_flops = kept, signature, flops
                     self.cached_bytes = tensor_bytes(kept)
-        runtime.module_finished(self, decision, time.perf_counter() - start, flops)
+        runtime.module_finished(self, decision, time.perf_counter() - start, flops, saved)
         return output

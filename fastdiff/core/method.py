@@ -53,6 +53,11 @@ class Method:
         raise NotImplementedError
 
     # -- optional refinements; the defaults make a method a pure plan -----------------------
+    def timed_schedule(self, denoiser: torch.nn.Module, noise_levels: Sequence[float]) -> Mapping[str, Sequence[Decision]]:
+        """The decisions when they depend on how noisy each step is (timestep over the training
+        timesteps, 1 = pure noise; one entry per step). Override instead of :meth:`schedule`."""
+        return self.schedule(denoiser, len(noise_levels))
+
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
         """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
         return None

@@ -117,6 +117,10 @@ class ReuseRule:
         """The output to use at a reused step, or ``None`` when ``kept`` does not fit these inputs."""
         return kept if signature == kept_signature else None
 
+    def skip(self, args: tuple, kwargs: dict) -> Any:
+        """The output at a skipped step: by default the input passed through."""
+        return first_input(args, kwargs)
+
     def reset(self) -> None:
         """Forget per-call state (called at the start and end of each pipeline call)."""
 

@@ -1,0 +1,249 @@
+"""Early exiting: time-dependent plans, exact FLOP accounting, consistent UNet exits, composition,
+calibration, fine-tuning and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import run
+from diffusers import StableDiffusionImg2ImgPipeline
+
+import fastdiff
+from fastdiff import Decision, EarlyExit, TGate
+from fastdiff.caching.early_exit import DEMO_BLOCKS, bucket_of, finetune
+from fastdiff.caching.exit_ladder import exit_ladder, exiting
+
+
+def dit_call(pipe, steps=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(class_labels=[1], num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+def expected_skips(scheduler, steps, depths, depth):
+    """Per step, whether the last block is dropped, from the scheduler's own timesteps."""
+    scheduler.set_timesteps(steps)
+    total = scheduler.config.num_train_timesteps
+    return [depths[min(int(float(t) / total * len(depths)), len(depths) - 1)] < depth for t in scheduler.timesteps]
+
+
+def test_demo_schedule_follows_the_timesteps(dit_pipe):
+    method = EarlyExit()  # the authors' demo: fractions of 28 blocks per timestep decile
+    assert method.depths(dit_pipe.transformer) == [2] * 8 + [1, 1]  # ceil(2 * k / 28) for k in DEMO_BLOCKS
+    assert [bucket_of(t / 1000, 10) for t in (0, 99, 100, 899, 900, 999, 1000)] == [0, 0, 1, 8, 9, 9, 9]
+    acc = fastdiff.apply(dit_pipe, method, count_flops=True)
+    for steps in (8, 20):
+        dit_call(dit_pipe, steps)
+        want = expected_skips(type(dit_pipe.scheduler).from_config(dit_pipe.scheduler.config), steps, [2] * 8 + [1, 1], 2)
+        row = acc.plan.rows["transformer_blocks.1"]
+        assert [d is Decision.SKIP for d in row] == want and any(want) and not all(want)
+        assert acc.plan_for(steps).rows == acc.plan.rows  # planned ahead = what the call used
+        skipped = [e.step for e in acc.ledger.modules if e.call == acc.clock.call_index and e.decision is Decision.SKIP]
+        assert skipped == [s for s, w in enumerate(want) if w]
+    acc.remove()
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart"])
+def test_ledger_shows_the_planned_flop_reduction_exactly(name, dit_pipe, pixart_pipe):
+    pipe = dit_pipe if name == "dit" else pixart_pipe
+    call = (lambda: dit_call(pipe, 10)) if name == "dit" else (lambda: run(pipe, steps=10))
+    vanilla_acc = fastdiff.apply(pipe, count_flops=True)
+    call()
+    vanilla = vanilla_acc.report()
+    vanilla_acc.remove()
+    acc = fastdiff.apply(pipe, EarlyExit(schedule=[2, 2, 2, 2, 2, 1, 1, 1, 1, 1]), count_flops=True)
+    call()
+    report = acc.report()
+    events = [e for e in acc.ledger.modules if e.call == acc.clock.call_index]
+    block = next(e.flops for e in events if e.decision is Decision.COMPUTE)
+    assert block > 0
+    plan_row = acc.plan.rows["transformer_blocks.1"]
+    for ours, theirs, decision in zip(report.steps, vanilla.steps, plan_row):
+        skipped = decision is Decision.SKIP
+        assert ours.flops_saved == (block if skipped else 0)
+        assert ours.flops_run + ours.flops_saved == theirs.flops_run
+    assert report.flops_saved == plan_row.count(Decision.SKIP) * block
+    assert report.flops_run + report.flops_saved == vanilla.flops_run
+    acc.remove()
+
+
+def test_full_depth_reproduces_vanilla(sd_pipe, dit_pipe):
+    vanilla = run(sd_pipe)
+    depth = exit_ladder(sd_pipe.unet).depth
+    for schedule in ([1.0], [depth] * 3):
+        acc = fastdiff.apply(sd_pipe, EarlyExit(schedule=schedule))
+        assert np.array_equal(run(sd_pipe), vanilla)
+        acc.remove()
+    vanilla = dit_call(dit_pipe)
+    acc = fastdiff.apply(dit_pipe, EarlyExit(schedule=[2]))
+    assert np.array_equal(dit_call(dit_pipe), vanilla)
+    acc.remove()
+
+
+def _first_up_resnet_after(unet, dropped):
+    for u, block in enumerate(unet.up_blocks):
+        for j in range(len(block.resnets)):
+            if f"up_blocks.{u}.resnets.{j}" not in dropped:
+                return f"up_blocks.{u}.resnets.{j}"
+    raise AssertionError("no up layer after the piece")
+
+
+def _hidden_channels(unet, resume):
+    """Channels of the hidden state (before the skip connection) the up resnet ``resume`` receives
+    in the full network: the output channels of the layer before it."""
+    previous = unet.mid_block.resnets[-1].out_channels
+    for u, block in enumerate(unet.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if f"up_blocks.{u}.resnets.{j}" == resume:
+                return previous
+            previous = resnet.out_channels
+    raise AssertionError(resume)
+
+
+@pytest.mark.parametrize("fixture", ["sd_pipe", "sdxl_pipe"])
+def test_unet_exits_keep_skip_connections_consistent(fixture, request):
+    """The up layer after a dropped piece gets the piece's input as its hidden state and the same
+    skip connection as in the full network; nothing inside the piece runs."""
+    pipe = request.getfixturevalue(fixture)
+    unet = pipe.unet
+    ladder = exit_ladder(unet)
+    assert len(ladder.allowed) > 2
+    modules = dict(unet.named_modules())
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=generator)
+    context = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        dim = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, dim, generator=generator),
+                                      "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]])}
+
+    def capture(kept, resume, entry=None, dropped=()):
+        seen, called, handles = {}, set(), []
+        handles.append(modules[resume].register_forward_pre_hook(lambda m, a: seen.__setitem__("resume", a[0])))
+        if entry is not None:
+            handles.append(modules[entry].register_forward_pre_hook(
+                lambda m, a, kw: seen.__setitem__("entry", (a or (kw["hidden_states"],))[0]), with_kwargs=True))
+        for path in dropped:  # a dropped module's own pre-hooks still fire; its submodules must not run
+            for name, child in modules[path].named_modules():
+                if name:
+                    handles.append(child.register_forward_pre_hook(lambda m, a, p=path: called.add(p)))
+        with torch.no_grad():
+            if kept is None:
+                out = unet(sample, 500, context, **extra).sample
+            else:
+                with exiting(unet, kept):
+                    out = unet(sample, 500, context, **extra).sample
+        for handle in handles:
+            handle.remove()
+        return out, seen, called
+
+    for kept, dropped in ladder.skipped.items():
+        resume = _first_up_resnet_after(unet, set(dropped))
+        full, reference, _ = capture(None, resume)
+        out, seen, called = capture(kept, resume, ladder.entries[kept], dropped)
+        assert not called, f"kept={kept}: {sorted(called)} ran inside the dropped piece"
+        hidden = seen["entry"]
+        assert hidden.shape[1] == _hidden_channels(unet, resume)
+        assert torch.equal(seen["resume"][:, :hidden.shape[1]], hidden)
+        assert torch.equal(seen["resume"][:, hidden.shape[1]:], reference["resume"][:, hidden.shape[1]:])
+        assert torch.isfinite(out).all() and not torch.equal(out, full)
+    assert not hasattr(modules[ladder.skipped[min(ladder.skipped)][0]], "_diffusers_hook")
+
+
+def test_img2img_uses_the_timesteps_it_runs(sd_pipe):
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(sd_pipe)
+    acc = fastdiff.apply(pipe, EarlyExit(schedule="linear", min_depth=0.1))
+    image = torch.rand(1, 3, 32, 32)
+    pipe("a red circle", image=image, strength=0.5, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+         output_type="np")
+    plan = acc.plan
+    assert plan.num_steps == 5
+    levels = [float(t) / 1000 for t in pipe.scheduler.timesteps[-5:]]
+    depths = acc.methods[0].depths(pipe.unet)
+    ladder = exit_ladder(pipe.unet)
+    for step, level in enumerate(levels):
+        dropped = set(ladder.skipped.get(depths[bucket_of(level, 10)], []))
+        assert {p for p, row in plan.rows.items() if row[step] is Decision.SKIP} == dropped
+    acc.remove()
+
+
+def test_composes_with_tgate_and_refuses_deepcache(sd_pipe, pixart_pipe):
+    for pipe in (sd_pipe, pixart_pipe):
+        acc = fastdiff.apply(pipe, EarlyExit(), TGate(gate_step=3), count_flops=True)
+        run(pipe, steps=6)
+        methods = {e.method for e in acc.ledger.modules}
+        decisions = {e.decision for e in acc.ledger.modules}
+        assert methods == {"earlyexit", "tgate"} and decisions == set(Decision)
+        acc.remove()
+    with pytest.raises(ValueError, match="'deepcache' and 'earlyexit' both claim module 'mid_block'"):
+        fastdiff.apply(sd_pipe, fastdiff.DeepCache(), EarlyExit())
+    assert "acceleration" not in sd_pipe.__dict__ and not hasattr(sd_pipe.unet, "_diffusers_hook")
+
+
+def test_calibrated_schedule(sd_pipe):
+    ladder = exit_ladder(sd_pipe.unet)
+    strict = EarlyExit.calibrate(sd_pipe, ["a red circle"], steps=6, tolerance=0.0, height=32, width=32)
+    assert strict.depths(sd_pipe.unet) == [ladder.depth] * 10
+    assert set(strict.calibration.change) == set(ladder.skipped)
+    assert all(v > 0 for row in strict.calibration.change.values() for v in row)
+    vanilla = run(sd_pipe)
+    acc = fastdiff.apply(sd_pipe, strict)
+    assert np.array_equal(run(sd_pipe), vanilla)
+    acc.remove()
+    loose = EarlyExit.calibrate(sd_pipe, "a red circle", steps=6, tolerance=1e9, height=32, width=32)
+    assert loose.depths(sd_pipe.unet) == [0] * 10
+    middle_tolerance = sorted(v for row in strict.calibration.change.values() for v in row)[20]
+    middle = EarlyExit.calibrate(sd_pipe, ["a red circle"], steps=6, tolerance=middle_tolerance, height=32, width=32)
+    depths = middle.depths(sd_pipe.unet)
+    assert depths == sorted(depths, reverse=True) and all(d in ladder.allowed for d in depths)
+    # each chosen exit really was within tolerance at every calibration step of its bucket
+    cal = middle.calibration
+    for step, level in enumerate(cal.noise_levels):
+        kept = depths[bucket_of(level, 10)]
+        if kept < ladder.depth:
+            assert cal.change[kept][step] <= middle_tolerance
+
+
+def test_finetune_trains_the_exited_network_only(sd_pipe):
+    method = EarlyExit(schedule=[5])  # always drops the mid block
+    mid = [p.detach().clone() for p in sd_pipe.unet.mid_block.parameters()]
+    first = [p.detach().clone() for p in sd_pipe.unet.down_blocks[0].parameters()]
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    losses = finetune(sd_pipe, method, images, ["a red circle", "a blue square"] * 3, steps=3, batch_size=4, lr=1e-3)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(torch.equal(a, b) for a, b in zip(mid, sd_pipe.unet.mid_block.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(first, sd_pipe.unet.down_blocks[0].parameters()))
+    assert not hasattr(sd_pipe.unet.mid_block, "_diffusers_hook") and not sd_pipe.unet.training
+    with pytest.raises(TypeError, match="Stable Diffusion-style"):
+        finetune(object(), method, images, ["x"] * 6)
+
+
+def test_spec_round_trip():
+    method = fastdiff.parse_method("earlyexit:schedule=28/28/24/24")
+    assert method.schedule == (28, 28, 24, 24) and method.spec() == "earlyexit:schedule=28/28/24/24"
+    assert fastdiff.parse_method("earlyexit:schedule=linear,min_depth=0.3").min_depth == 0.3
+    assert fastdiff.parse_method(EarlyExit(schedule=[1.0, 0.5]).spec()).schedule == (1.0, 0.5)
+    assert EarlyExit().spec() == "earlyexit:schedule=demo" and len(DEMO_BLOCKS) == 10
+
+
+def test_bad_input(sd_pipe, dit_pipe):
+    with pytest.raises(ValueError, match="may only stay or fall"):
+        EarlyExit(schedule=[1, 2])
+    with pytest.raises(ValueError, match=r"fractions of depth must be in \(0, 1\]"):
+        EarlyExit(schedule=[1.5])
+    with pytest.raises(ValueError, match="buckets must be an integer >= 1"):
+        EarlyExit(schedule="linear", buckets=0)
+    with pytest.raises(ValueError, match="min_depth"):
+        EarlyExit(schedule="linear", min_depth=0.0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        EarlyExit(schedule="fast")
+    with pytest.raises(ValueError, match="keeps 28 units but this DiTTransformer2DModel is only 2 deep"):
+        fastdiff.apply(dit_pipe, EarlyExit(schedule=list(DEMO_BLOCKS)))
+    with pytest.raises(ValueError, match=r"3 is not an exit of this UNet2DConditionModel.*allowed: \[0, 1, 4, 5, 6\]"):
+        fastdiff.apply(sd_pipe, EarlyExit(schedule=[6, 3]))
+    with pytest.raises(ValueError, match="needs a calibration"):
+        fastdiff.apply(sd_pipe, EarlyExit(schedule="calibrated"))
+    with pytest.raises(ValueError, match="not an exit"):
+        with exiting(sd_pipe.unet, 3):
+            pass
+    for pipe in (sd_pipe, dit_pipe):
+        assert "acceleration" not in pipe.__dict__
