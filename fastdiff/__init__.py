@@ -4,6 +4,7 @@
 """
 
 from .caching import BlockCache, BlockCacheCalibration, DeepCache, EarlyExit, EncoderPropagation, TGate
+from .parallel import PatchParallel
 from .core import (
     Accelerator,
     Decision,
@@ -19,6 +20,6 @@ from .core import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accelerator", "BlockCache", "BlockCacheCalibration", "DeepCache", "EarlyExit", "EncoderPropagation", "TGate", "Decision", "Ledger", "Method", "Plan", "Report", "StepClock",
+    "Accelerator", "BlockCache", "BlockCacheCalibration", "DeepCache", "EarlyExit", "EncoderPropagation", "TGate", "Decision", "Ledger", "Method", "PatchParallel", "Plan", "Report", "StepClock",
     "__version__", "apply", "parse_method",
 ]

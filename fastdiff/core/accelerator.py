@@ -170,6 +170,9 @@ class Accelerator:
         try:
             self._register(self.denoiser, DenoiserClockHook(self), CLOCK_HOOK)
             modules = dict(self.denoiser.named_modules())
+            for method in self.methods:  # inner to the reuse hooks: a reused module runs none of them
+                for path, hook in method.module_hooks(self, self.denoiser):
+                    self._register(modules[path], hook, f"fastdiff.{method.spec_name or method.name}")
             for path, owner in owners.items():
                 hook = ReuseHook(self, path, owner.name, owner.reuse_rule(self.denoiser, path))
                 self._register(modules[path], hook, REUSE_HOOK)
@@ -278,6 +281,10 @@ class Accelerator:
     def flop_counter(self) -> FlopCounterMode | None:
         self._counter = FlopCounterMode(display=False, depth=0) if self.count_flops else None
         return self._counter
+
+    def record_comm(self, kind: str, sent: int, received: int, seconds: float) -> None:
+        """Bytes exchanged with other processes in the current step (patch parallelism)."""
+        self.ledger.record_comm(self.clock.call_index, self.clock.step, kind, sent, received, seconds)
 
     def flops_so_far(self) -> int | None:
         """Running FLOP total of the denoiser call in progress; hooks difference it around a module."""

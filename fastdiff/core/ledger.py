@@ -39,6 +39,19 @@ class StepEvent:
 
 
 @dataclass
+class CommEvent:
+    """Bytes moved between processes in one step, for one kind of layer (``conv``, ``groupnorm``,
+    ``attention``, ``output``; ``wait`` carries only the time spent waiting on an earlier exchange)."""
+
+    call: int
+    step: int
+    kind: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class Ledger:
     """Events of the most recent ``max_calls`` pipeline calls (older ones are dropped, so a
     long-running service does not grow without bound)."""
@@ -47,6 +60,18 @@ class Ledger:
     steps: list[StepEvent] = field(default_factory=list)
     max_calls: int = 64
     cache_bytes: dict[int, int] = field(default_factory=dict)  # call -> peak bytes kept for reuse
+    comm: list[CommEvent] = field(default_factory=list)
+
+    def record_comm(self, call: int, step: int, kind: str, sent: int, received: int, seconds: float) -> None:
+        for event in reversed(self.comm):
+            if event.call != call or event.step != step:
+                break
+            if event.kind == kind:
+                event.bytes_sent += sent
+                event.bytes_received += received
+                event.seconds += seconds
+                return
+        self.comm.append(CommEvent(call, step, kind, sent, received, seconds))
 
     def note_cache_bytes(self, call: int, held: int) -> None:
         if held > self.cache_bytes.get(call, 0):
@@ -56,6 +81,7 @@ class Ledger:
         self.modules.clear()
         self.steps.clear()
         self.cache_bytes.clear()
+        self.comm.clear()
 
     def start_call(self, call: int) -> None:
         """Make room for ``call``: keep only the calls after ``call - max_calls``."""
@@ -63,6 +89,7 @@ class Ledger:
         if (self.steps and self.steps[0].call < oldest) or (self.modules and self.modules[0].call < oldest):
             self.steps[:] = [s for s in self.steps if s.call >= oldest]
             self.modules[:] = [m for m in self.modules if m.call >= oldest]
+            self.comm[:] = [c for c in self.comm if c.call >= oldest]
             self.cache_bytes = {c: b for c, b in self.cache_bytes.items() if c >= oldest}
 
     def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None) -> None:
@@ -96,6 +123,15 @@ class Ledger:
         for event in events:
             if event.flops_saved:
                 saved_by_step[(event.call, event.step)] += event.flops_saved
+        comm = [c for c in self.comm if c.call in chosen]
+        sent_by_step: dict[tuple[int, int], int] = defaultdict(int)
+        by_kind: dict[str, CommEvent] = {}
+        for c in comm:
+            sent_by_step[(c.call, c.step)] += c.bytes_sent
+            total = by_kind.setdefault(c.kind, CommEvent(-1, -1, c.kind))
+            total.bytes_sent += c.bytes_sent
+            total.bytes_received += c.bytes_received
+            total.seconds += c.seconds
         counted = bool(steps) and all(s.flops is not None for s in steps)
         flops_run = sum(s.flops or 0 for s in steps) if counted else None
         flops_saved = sum(saved_by_step.values()) if counted else None
@@ -103,7 +139,8 @@ class Ledger:
             calls=len(chosen),
             steps=[
                 StepSummary(s.call, s.step, s.timestep, s.seconds, s.denoiser_calls, s.flops,
-                            saved_by_step.get((s.call, s.step), 0) if counted else None)
+                            saved_by_step.get((s.call, s.step), 0) if counted else None,
+                            sent_by_step.get((s.call, s.step), 0))
                 for s in steps
             ],
             modules=list(per_module.values()),
@@ -111,6 +148,7 @@ class Ledger:
             flops_run=flops_run,
             flops_saved=flops_saved,
             peak_cache_bytes=max((self.cache_bytes.get(c, 0) for c in chosen), default=0),
+            comm_by_kind=by_kind,
         )
 
 
@@ -144,6 +182,7 @@ class StepSummary:
     denoiser_calls: int
     flops_run: int | None
     flops_saved: int | None
+    bytes_sent: int = 0
 
 
 def _flops(value: int | None) -> str:
@@ -166,6 +205,21 @@ class Report:
     flops_run: int | None
     flops_saved: int | None
     peak_cache_bytes: int = 0
+    comm_by_kind: dict[str, CommEvent] = field(default_factory=dict)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this process sent to the others (patch parallelism), all steps."""
+        return sum(c.bytes_sent for c in self.comm_by_kind.values())
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(c.bytes_received for c in self.comm_by_kind.values())
+
+    @property
+    def comm_seconds(self) -> float:
+        """Time spent in exchanges and waiting for them."""
+        return sum(c.seconds for c in self.comm_by_kind.values())
 
     @property
     def module_calls(self) -> int:
@@ -196,6 +250,10 @@ class Report:
             )
         if self.peak_cache_bytes:
             parts.append(f"cache {self.peak_cache_bytes / 2**20:.1f} MiB")
+        if self.comm_by_kind:
+            per_step = self.bytes_sent / max(len(self.steps), 1)
+            parts.append(f"sent {self.bytes_sent / 2**20:.2f} MiB ({per_step / 2**20:.3f} MiB/step), "
+                         f"communication {self.comm_seconds:.2f} s")
         parts.append(f"denoiser time {self.denoiser_seconds:.2f} s")
         return "; ".join(parts)
 

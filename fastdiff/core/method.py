@@ -62,6 +62,12 @@ class Method:
         """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
         return None
 
+    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
+        """Extra ``(path, diffusers ModelHook)`` pairs this method needs beside the plan (e.g. layers
+        that exchange data between processes); installed and removed with everything else, inside
+        the reuse hooks, so a module that is reused or skipped runs none of them."""
+        return []
+
     def step_barriers(self, num_steps: int) -> set[int]:
         """Steps whose work must run in their own denoiser call: this method's behaviour changes
         there in ways the plan does not show (e.g. T-GATE's gate), so another method must not

@@ -1,0 +1,135 @@
+"""Moving patch data between processes, and counting what moved.
+
+Two patterns. ``gather``: every process contributes one payload of the same shape and gets
+everyone's — synchronously, or on a stale step from the latest exchange (the others' previous
+step, its own fresh), with this step's payloads packed into one flat buffer per dtype and
+all-gathered asynchronously at the end of the denoiser call, to be waited on only when the next
+step first needs it (DistriFusion). ``neighbours``: point-to-point with the processes above and
+below only (PCPP). Every transfer is reported with its bytes, kind and the time spent waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+Record = Callable[[str, int, int, float], None]  # kind, bytes sent, bytes received, seconds waited
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another process crashed, stopped, or the group timed out."""
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class Exchange:
+    def __init__(self, rank: int, world_size: int, record: Record, *, keep_latest: bool, context: str = "") -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.record = record
+        self.keep_latest = keep_latest
+        self.context = context
+        self.stale = False
+        self.latest: dict[Any, list[torch.Tensor]] = {}
+        self.outbound: list[tuple[Any, str, torch.Tensor]] = []
+        self.pending: list[tuple[Any, list[torch.Tensor], list[tuple[Any, torch.Size, int]]]] = []
+
+    def _run(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses with backend-specific text
+            raise PeerLost(
+                f"PatchParallel: process {self.rank} of {self.world_size} lost contact with the others during "
+                f"{what}{self.context} — another process crashed, was stopped, or the process group timed out "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+
+    # -- all processes ----------------------------------------------------------------------
+    def gather(self, key: Any, kind: str, payload: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``payload`` (the same shape on all), by rank."""
+        payload = payload.contiguous()
+        if self.stale:
+            self._settle()
+            previous = self.latest.get(key)
+            if previous is not None and previous[self.rank].shape == payload.shape:
+                self.outbound.append((key, kind, payload))
+                parts = list(previous)
+                parts[self.rank] = payload
+                return parts
+        parts = [torch.empty_like(payload) for _ in range(self.world_size)]
+        start = time.perf_counter()
+        self._run(f"a {kind} exchange", lambda: dist.all_gather(parts, payload))
+        size = _nbytes(payload) * (self.world_size - 1)
+        self.record(kind, size, size, time.perf_counter() - start)
+        if self.keep_latest:
+            self.latest[key] = parts
+        return parts
+
+    def flush(self) -> None:
+        """Send this stale step's payloads: one flat buffer per dtype, all-gathered asynchronously."""
+        if not self.outbound:
+            return
+        groups: dict[torch.dtype, list[tuple[Any, str, torch.Tensor]]] = {}
+        for item in self.outbound:
+            groups.setdefault(item[2].dtype, []).append(item)
+        self.outbound = []
+        for items in groups.values():
+            flat = torch.cat([t.reshape(-1) for _, _, t in items])
+            parts = [torch.empty_like(flat) for _ in range(self.world_size)]
+            work = self._run("a stale exchange", lambda: dist.all_gather(parts, flat, async_op=True))
+            self.pending.append((work, parts, [(key, t.shape, t.numel()) for key, _, t in items]))
+            for _, kind, t in items:
+                size = _nbytes(t) * (self.world_size - 1)
+                self.record(kind, size, size, 0.0)
+
+    def _settle(self) -> None:
+        """Wait for the last stale step's buffers and unpack them into ``latest``."""
+        if not self.pending:
+            return
+        start = time.perf_counter()
+        for work, parts, layout in self.pending:
+            self._run("the wait for the previous step's exchange", work.wait)
+            offset = 0
+            for key, shape, count in layout:
+                self.latest[key] = [p[offset:offset + count].view(shape) for p in parts]
+                offset += count
+        self.pending = []
+        self.record("wait", 0, 0, time.perf_counter() - start)
+
+    def finish(self) -> None:
+        """Drain anything still in flight (the end of a call)."""
+        self._settle()
+        self.outbound = []
+
+    # -- neighbours only ----------------------------------------------------------------------
+    def neighbours(self, kind: str, to_above: torch.Tensor, to_below: torch.Tensor,
+                   above_shape: tuple[int, ...], below_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Send ``to_above`` to the previous process and ``to_below`` to the next; receive theirs."""
+        rank, last = self.rank, self.world_size - 1
+        from_above = torch.empty(above_shape, dtype=to_above.dtype, device=to_above.device) if rank > 0 else None
+        from_below = torch.empty(below_shape, dtype=to_below.dtype, device=to_below.device) if rank < last else None
+        sent = received = 0
+        start = time.perf_counter()
+
+        def exchange() -> None:
+            works = []
+            if from_above is not None:
+                works += [dist.isend(to_above.contiguous(), rank - 1), dist.irecv(from_above, rank - 1)]
+            if from_below is not None:
+                works += [dist.isend(to_below.contiguous(), rank + 1), dist.irecv(from_below, rank + 1)]
+            for work in works:
+                work.wait()
+
+        self._run(f"a {kind} exchange with the neighbouring processes", exchange)
+        if from_above is not None:
+            sent, received = sent + _nbytes(to_above), received + _nbytes(from_above)
+        if from_below is not None:
+            sent, received = sent + _nbytes(to_below), received + _nbytes(from_below)
+        self.record(kind, sent, received, time.perf_counter() - start)
+        return from_above, from_below

@@ -1,0 +1,62 @@
+"""The process group patch parallelism runs on, taken from whatever launched the processes.
+
+``torchrun`` and ``accelerate launch`` both set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; the
+group is created from them (NCCL with one GPU per process when CUDA is there, gloo on CPU
+otherwise) with a timeout, so a crashed process makes the others fail instead of waiting
+forever. A single process (no launcher) is a group of one, and patch parallelism does nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: one process, nothing to exchange
+
+
+def launched_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def process_device() -> torch.device:
+    """The device this process computes on: its own GPU (``LOCAL_RANK``) when CUDA is usable."""
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessGroup:
+    """Join (or create) the default process group; a single unlaunched process is a group of one."""
+    if dist.is_available() and dist.is_initialized():
+        return ProcessGroup(dist.get_rank(), dist.get_world_size(), process_device(), dist.get_backend())
+    if launched_world_size() <= 1 or not dist.is_available():
+        return ProcessGroup(0, 1, process_device(), None)
+    device = process_device()
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), device, backend)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files (rank 0, or the only process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,144 @@
+"""Patch-aware layers: what a convolution, a GroupNorm and a self-attention need from the other
+patches, as diffusers hooks on the existing modules (the user's attention processors keep running).
+
+* A ``k×k`` convolution gets the ``(k-1)/2`` rows above and below its patch from the neighbours
+  (zeros at the image border, exactly its own zero padding) and runs without vertical padding.
+* A GroupNorm sums each process's per-group sums and sums of squares (float64) and normalises
+  with the biased variance, as ``nn.GroupNorm`` does.
+* A self-attention keeps its queries local and takes keys/values from a context: every patch's
+  input tokens (DistriFusion, sync) or its own plus the nearest ``neighbor_fraction`` of each
+  neighbour's rows (PCPP). The context goes in as ``encoder_hidden_states``, which the processor
+  turns into keys and values as for any attention.
+Cross-attention and per-token layers need nothing and are not hooked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from .exchange import Exchange
+
+
+@dataclass
+class PatchCall:
+    """One denoiser call split into patches: who owns which rows, and how to reach the others."""
+
+    rank: int
+    world_size: int
+    partition: list[tuple[int, int]]  # latent rows per process
+    width: int  # latent columns
+    exchange: Exchange
+    mode: str  # "sync" | "distrifusion" | "pcpp"
+    neighbor_fraction: float
+    prefix: Any = None
+    ordinals: Counter = field(default_factory=Counter)
+
+    def key(self, path: str) -> tuple:
+        n = self.ordinals[path]
+        self.ordinals[path] += 1
+        return (self.prefix, path, n)
+
+    def rows(self, own_rows: int) -> list[int]:
+        """Every process's rows at the resolution where this process has ``own_rows``."""
+        start, stop = self.partition[self.rank]
+        factor = (stop - start) // own_rows
+        return [(b - a) // factor for a, b in self.partition]
+
+    def rows_and_width(self, own_tokens: int) -> tuple[list[int], int]:
+        """For a token sequence: every process's rows and the row width at this resolution."""
+        start, stop = self.partition[self.rank]
+        factor = round(math.sqrt((stop - start) * self.width / own_tokens))
+        return [(b - a) // factor for a, b in self.partition], self.width // factor
+
+
+class _PatchHook(ModelHook):
+    def __init__(self, path: str, current: Any) -> None:
+        super().__init__()
+        self.path = path
+        self.current = current  # () -> PatchCall | None: the split denoiser call in progress
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        call = self.current()
+        if call is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.patched(call, module, *args, **kwargs)
+
+    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+class ConvHook(_PatchHook):
+    def patched(self, call: PatchCall, module: torch.nn.Conv2d, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        pad = module.padding[0]
+        if pad == 0:
+            return self.fn_ref.original_forward(x, *args, **kwargs)
+        key = call.key(self.path)
+        top, bottom = x[..., :pad, :], x[..., -pad:, :]
+        if call.mode == "pcpp":
+            above, below = call.exchange.neighbours("conv", top, bottom, tuple(bottom.shape), tuple(top.shape))
+        else:
+            parts = call.exchange.gather(key, "conv", torch.cat([top, bottom], dim=-2))
+            above = parts[call.rank - 1][..., pad:, :] if call.rank > 0 else None
+            below = parts[call.rank + 1][..., :pad, :] if call.rank < call.world_size - 1 else None
+        zeros = torch.zeros_like(top)
+        extended = torch.cat([zeros if above is None else above, x, zeros if below is None else below], dim=-2)
+        return F.conv2d(extended, module.weight, module.bias, module.stride, (0, module.padding[1]),
+                        module.dilation, module.groups)
+
+
+class GroupNormHook(_PatchHook):
+    def patched(self, call: PatchCall, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        batch, groups = x.shape[0], module.num_groups
+        values = x.reshape(batch, groups, -1).double()
+        count = torch.full((batch, groups), float(values.shape[-1]), dtype=torch.float64, device=x.device)
+        stats = torch.stack([values.sum(-1), (values * values).sum(-1), count], dim=-1)
+        total = torch.stack(call.exchange.gather(call.key(self.path), "groupnorm", stats)).sum(0)
+        mean = (total[..., 0] / total[..., 2]).unsqueeze(-1)
+        variance = (total[..., 1] / total[..., 2]).unsqueeze(-1) - mean * mean
+        normed = ((values - mean) / torch.sqrt(variance.clamp_min(0.0) + module.eps)).to(x.dtype).reshape(x.shape)
+        if module.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            normed = normed * module.weight.reshape(shape) + module.bias.reshape(shape)
+        return normed
+
+
+class SelfAttentionHook(_PatchHook):
+    def patched(self, call: PatchCall, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any,
+                **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if args or kwargs.get("encoder_hidden_states") is not None or hidden_states.dim() != 3:
+            return forward(hidden_states, *args, **kwargs)
+        tokens = hidden_states.shape[1]
+        rows, width = call.rows_and_width(tokens)
+        if call.mode == "pcpp":
+            context = _partial_context(call, hidden_states, rows, width)
+        else:
+            most = max(rows) * width
+            padded = F.pad(hidden_states, (0, 0, 0, most - tokens)) if most > tokens else hidden_states
+            parts = call.exchange.gather(call.key(self.path), "attention", padded)
+            context = torch.cat([p[:, : r * width] for p, r in zip(parts, rows)], dim=1)
+        return forward(hidden_states, **{**kwargs, "encoder_hidden_states": context})
+
+
+def _partial_context(call: PatchCall, hidden: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:
+    """Own tokens plus the nearest ``neighbor_fraction`` of each neighbour's rows (PCPP)."""
+    def share(count: int) -> int:
+        return max(1, math.ceil(call.neighbor_fraction * count - 1e-9))
+
+    rank, last = call.rank, call.world_size - 1
+    own = rows[rank]
+    batch, _, channels = hidden.shape
+    to_above = hidden[:, : share(own) * width]
+    to_below = hidden[:, (own - share(own)) * width:]
+    above_rows = share(rows[rank - 1]) if rank > 0 else 0
+    below_rows = share(rows[rank + 1]) if rank < last else 0
+    above, below = call.exchange.neighbours(
+        "attention", to_above, to_below, (batch, above_rows * width, channels), (batch, below_rows * width, channels))
+    return torch.cat([t for t in (above, hidden, below) if t is not None], dim=1)

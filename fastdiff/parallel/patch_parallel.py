@@ -1,0 +1,196 @@
+"""Patch parallelism: one image, split into row patches, one process each.
+
+Every process runs the same pipeline call with the same seed, so the latent and the scheduler
+agree everywhere. At each denoiser call this method hands the denoiser only this process's rows;
+the patch-aware layers (:mod:`.layers`) fetch what they need from the other patches; the noise
+prediction patches are gathered back into the full latent on every process, and the pipeline's
+scheduler step runs on it as usual. Nothing in the pipeline is copied.
+
+Modes:
+
+* ``"sync"`` — every layer exchanges fresh data at every step: the single-process result, up to
+  float reduction order.
+* ``"distrifusion"`` — the first ``warmup_steps`` steps are exchanged synchronously; after that
+  each layer works with the other patches' activations from the previous step, sent in one flat
+  buffer per step asynchronously while the next step starts.
+* ``"pcpp"`` — synchronous, but only with the two neighbouring processes: convolutions get their
+  halo rows, self-attention sees its own patch plus the nearest ``neighbor_fraction`` of each
+  neighbour's rows. Far fewer bytes than an all-gather.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..caching.blocks import is_unet
+from ..core.method import Method
+from ..core.rules import denoiser_sample, main_tensor, with_main_tensor
+from .exchange import Exchange
+from .group import DEFAULT_TIMEOUT_S, ProcessGroup, process_group
+from .layers import ConvHook, GroupNormHook, PatchCall, SelfAttentionHook
+from .split import row_partition
+
+if TYPE_CHECKING:
+    from ..core.accelerator import Accelerator
+
+MODES = ("distrifusion", "pcpp", "sync")
+
+
+def _replace_sample(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    name = "sample" if "sample" in kwargs else "hidden_states"
+    return args, {**kwargs, name: value}
+
+
+def _total_downsampling(unet: torch.nn.Module) -> int:
+    return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+@dataclass
+class PatchParallel(Method):
+    """Split each image into row patches over the launched processes.
+
+    Args:
+        mode: ``"distrifusion"`` (stale activations after the warm-up), ``"pcpp"`` (neighbours
+            only, partial attention context) or ``"sync"`` (exact).
+        warmup_steps: DistriFusion's synchronous steps; ``>=`` the step count means every step is
+            synchronous (the same as ``mode="sync"``).
+        neighbor_fraction: PCPP's share of each neighbouring patch's rows that self-attention sees.
+        timeout: seconds a process waits for the others before failing (a crashed peer).
+    """
+
+    spec_name = "patch"
+    spec_keys = ("mode",)
+    wrap_order = 90  # innermost: splits whatever batch the other methods settled on
+
+    mode: str = "distrifusion"
+    warmup_steps: int = 4
+    neighbor_fraction: float = 0.5
+    timeout: float = DEFAULT_TIMEOUT_S
+    _group: ProcessGroup | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"PatchParallel: mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"PatchParallel: warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not 0.0 < self.neighbor_fraction <= 1.0:
+            raise ValueError(f"PatchParallel: neighbor_fraction must be in (0, 1], got {self.neighbor_fraction!r}")
+        if not self.timeout > 0:
+            raise ValueError(f"PatchParallel: timeout must be > 0 seconds, got {self.timeout!r}")
+
+    @property
+    def group(self) -> ProcessGroup:
+        if self._group is None:
+            self._group = process_group(self.timeout)
+        return self._group
+
+    # -- the Method contract ----------------------------------------------------------------
+    def modules(self, denoiser: torch.nn.Module) -> list[str]:
+        return []  # claims nothing: its layers sit inside whatever other methods reuse or skip
+
+    def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> dict:
+        return {}
+
+    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
+        from diffusers.models.attention_processor import Attention
+
+        if not is_unet(denoiser):
+            raise TypeError(
+                f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL); {type(denoiser).__name__} is not supported yet"
+            )
+        if self.group.world_size == 1:
+            return []
+        state = runtime.call_state
+
+        def current() -> PatchCall | None:
+            return state(self).get("patch")
+
+        hooks: list[tuple[str, Any]] = []
+        for path, module in denoiser.named_modules():
+            if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
+                if module.padding_mode != "zeros" or isinstance(module.padding, str) or module.dilation[0] != 1:
+                    raise TypeError(f"PatchParallel: convolution {path!r} has padding/dilation it cannot split")
+                hooks.append((path, ConvHook(path, current)))
+            elif isinstance(module, torch.nn.GroupNorm):
+                hooks.append((path, GroupNormHook(path, current)))
+            elif isinstance(module, Attention) and not module.is_cross_attention:
+                hooks.append((path, SelfAttentionHook(path, current)))
+        return hooks
+
+    def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
+        group = self.group
+        sample = denoiser_sample(args, kwargs)
+        if group.world_size == 1 or sample is None or sample.dim() != 4:
+            return forward(*args, **kwargs)
+        state = runtime.call_state(self)
+        partition = row_partition(sample.shape[-2], group.world_size, _total_downsampling(runtime.denoiser))
+        step, steps = runtime.clock.step, runtime.clock.num_steps or 0
+        exchange = state.get("exchange")
+        if exchange is None:
+            exchange = state["exchange"] = Exchange(group.rank, group.world_size, runtime.record_comm,
+                                                    keep_latest=self.mode == "distrifusion")
+            self._check_agreement(runtime, exchange, sample, args, kwargs)
+            if self.mode == "distrifusion" and self.warmup_steps >= steps:
+                warnings.warn(f"PatchParallel: warmup_steps={self.warmup_steps} covers all {steps} steps, so every "
+                              "step exchanges synchronously (exact, no stale activations)", stacklevel=2)
+        exchange.context = f" (step {step})"
+        exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
+        start, stop = partition[group.rank]
+        patch_args, patch_kwargs = _replace_sample(args, kwargs, sample[:, :, start:stop].contiguous())
+        state["patch"] = PatchCall(group.rank, group.world_size, partition, sample.shape[-1], exchange, self.mode,
+                                   self.neighbor_fraction, prefix=runtime.clock.calls_in_step)
+        try:
+            output = forward(*patch_args, **patch_kwargs)
+        finally:
+            state["patch"] = None
+        if exchange.stale and step + 1 < steps:
+            exchange.flush()
+        else:
+            exchange.outbound = []
+        patch = main_tensor(output)
+        if patch is None:
+            return output
+        return with_main_tensor(output, self._gather_rows(exchange, patch, partition))
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _gather_rows(self, exchange: Exchange, patch: torch.Tensor, partition: list[tuple[int, int]]) -> torch.Tensor:
+        """The full tensor on every process from each one's rows (padded to equal size for gloo)."""
+        most = max(b - a for a, b in partition)
+        own = patch.shape[-2]
+        padded = F.pad(patch, (0, 0, 0, most - own)) if most > own else patch
+        stale, exchange.stale = exchange.stale, False
+        try:
+            parts = exchange.gather(None, "output", padded)
+        finally:
+            exchange.stale = stale
+        return torch.cat([p[..., : b - a, :] for p, (a, b) in zip(parts, partition)], dim=-2)
+
+    def _check_agreement(self, runtime: Accelerator, exchange: Exchange, sample: torch.Tensor, args: tuple,
+                         kwargs: dict) -> None:
+        """Every process must be making the same call: same method, steps, shapes and inputs."""
+        context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        mine = {
+            "methods": [m.spec() for m in runtime.methods],
+            "steps": runtime.clock.num_steps,
+            "latent": tuple(sample.shape),
+            "latent sum": float(sample.double().sum()),
+            "prompt embedding sum": float(context.double().sum()) if isinstance(context, torch.Tensor) else None,
+        }
+        everyone: list[Any] = [None] * exchange.world_size
+        exchange._run("the check that all processes make the same call",
+                      lambda: dist.all_gather_object(everyone, mine))
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                differing = sorted(k for k in mine if theirs.get(k) != mine.get(k))
+                raise ValueError(
+                    f"PatchParallel: process {rank} makes a different call from process {exchange.rank} "
+                    f"(differs in {', '.join(differing)}); start every process with the same arguments, prompts and seed"
+                )
