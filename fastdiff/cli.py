@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--json", default="bench.json", help="where to write the JSON result")
+    parallel = bench.add_argument_group("patch parallelism")
+    parallel.add_argument("--parallel", type=int, default=None, metavar="N",
+                          help="compare one process with N processes started by the harness (the --method list, "
+                               "which must include one patch:... method, and each --variant)")
+    parallel.add_argument("--threads", type=int, default=None, help="torch threads per process (equal compute per process)")
     quality = bench.add_argument_group("quality (digits model)")
     quality.add_argument("--quality", action="store_true",
                          help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
@@ -118,16 +123,28 @@ def _request(args: argparse.Namespace):
     ).with_model_defaults(args.model)
 
 
+def _process_device(requested: str) -> str:
+    """Under a launcher (torchrun, accelerate launch) each process takes its own device."""
+    from .parallel.group import launched_world_size, process_device
+
+    if launched_world_size() > 1 and requested == "auto":
+        return str(process_device())
+    return requested
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .parallel.group import is_main_process
     from .runner import generate, load, prepare_methods
 
     request = _request(args)
-    pipe = load(args.model, args.device, args.dtype)
+    pipe = load(args.model, _process_device(args.device), args.dtype)
     args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
     if args.show_plan:
         print(accelerator.plan_for(request.steps or accelerator.default_steps))
     image = generate(pipe, request)[0]
+    if not is_main_process():  # every process computed the same image; one writes it
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
@@ -142,12 +159,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.quality:
         return _quality_bench(args)
+    if args.parallel is not None:
+        return _parallel_bench(args)
     request = _request(args)
     pipe = load(args.model, args.device, args.dtype)
     args.method = prepare_methods(pipe, args.method, request, args.model)
     result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
     print(result)
     write(result, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _parallel_bench(args: argparse.Namespace) -> int:
+    from .evals.parallel_bench import parallel_benchmark
+
+    settings = {}
+    for methods in [args.method, *args.variant]:
+        specs = [m.spec() for m in methods]
+        if not any(s.startswith("patch") for s in specs):
+            specs.append("patch:mode=distrifusion")
+        settings["+".join(specs)] = specs
+    result = parallel_benchmark(args.model, _request(args), settings, args.parallel, warmup=args.warmup,
+                                repeats=args.repeats, threads=args.threads, device=args.device, dtype=args.dtype)
+    print(result)
+    Path(args.json).write_text(result.to_json())
     print(f"wrote {args.json}")
     return 0
 

@@ -315,14 +315,11 @@ def init_distributed_from_env(device: str = "auto") -> bool:
 
     NCCL when running on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo otherwise.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+    from ..parallel.group import launched_world_size, process_group
+
+    if launched_world_size() <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
         return False
-    if torch.distributed.is_initialized():
-        return False
-    use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    process_group(requested=device)
     return True
 
 

@@ -33,20 +33,23 @@ def launched_world_size() -> int:
         return 1
 
 
-def process_device() -> torch.device:
-    """The device this process computes on: its own GPU (``LOCAL_RANK``) when CUDA is usable."""
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+def process_device(requested: str = "auto") -> torch.device:
+    """The device this process computes on: its own GPU (``LOCAL_RANK``) when CUDA is usable and
+    not declined (``requested="cpu"``, or accelerate's ``ACCELERATE_USE_CPU``)."""
+    declined = requested.startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if torch.cuda.is_available() and not declined:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> ProcessGroup:
+def process_group(timeout_s: float = DEFAULT_TIMEOUT_S, requested: str = "auto") -> ProcessGroup:
     """Join (or create) the default process group; a single unlaunched process is a group of one."""
     if dist.is_available() and dist.is_initialized():
-        return ProcessGroup(dist.get_rank(), dist.get_world_size(), process_device(), dist.get_backend())
+        device = process_device("cpu" if dist.get_backend() == "gloo" else requested)
+        return ProcessGroup(dist.get_rank(), dist.get_world_size(), device, dist.get_backend())
     if launched_world_size() <= 1 or not dist.is_available():
-        return ProcessGroup(0, 1, process_device(), None)
-    device = process_device()
+        return ProcessGroup(0, 1, process_device(requested), None)
+    device = process_device(requested)
     backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,0 +1,122 @@
+"""Patch parallelism against one process, side by side, launched by the harness itself.
+
+The single-process run (the same methods without ``PatchParallel``) happens in this process;
+each parallel setting then runs in ``world_size`` fresh processes started like torchrun would,
+one after the other, never at the same time as anything else. Reported: median wall time of the
+whole pipeline call (warm-up calls excluded), speedup, the Ledger's bytes per step by layer type
+and communication time, and fidelity (PSNR, max |diff|) against the single-process image.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.accelerator import apply
+from ..core.method import parse_method
+from ..parallel.patch_parallel import PatchParallel
+from ..runner import GenerationRequest, call_kwargs, load
+from .bench import psnr
+
+
+@dataclass
+class ParallelRun:
+    label: str
+    methods: list[str]
+    processes: int
+    times_s: list[float]
+    median_s: float
+    speedup: float = 1.0
+    bytes_sent_per_step: dict[str, float] = field(default_factory=dict)
+    comm_seconds: float = 0.0
+    max_abs_diff: float = 0.0
+    psnr_db: float = float("inf")
+
+
+@dataclass
+class ParallelBenchResult:
+    model: str
+    request: dict[str, Any]
+    threads: int | None
+    runs: list[ParallelRun]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"model {self.model}, {self.request}, threads per process: {self.threads or 'default'}",
+                 f"{'setting':40} {'procs':>5} {'median s':>9} {'speedup':>8} {'MiB/step sent':>14} "
+                 f"{'comm s':>7} {'max|diff|':>10} {'PSNR':>8}"]
+        for r in self.runs:
+            sent = sum(v for k, v in r.bytes_sent_per_step.items()) / 2**20
+            lines.append(f"{r.label:40} {r.processes:>5} {r.median_s:>9.2f} {r.speedup:>7.2f}x {sent:>14.3f} "
+                         f"{r.comm_seconds:>7.2f} {r.max_abs_diff:>10.2e} {r.psnr_db:>7.2f}")
+        for r in self.runs:
+            if r.bytes_sent_per_step:
+                kinds = ", ".join(f"{k} {v / 2**20:.3f}" for k, v in r.bytes_sent_per_step.items() if v)
+                lines.append(f"  {r.label}: MiB sent per step by layer type (one process): {kinds}")
+        return "\n".join(lines)
+
+
+def _timed_calls(model: str, request: GenerationRequest, specs: list[str], warmup: int, repeats: int,
+                 device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, Any]:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    from ..parallel.group import launched_world_size, process_device
+
+    if launched_world_size() > 1 and device == "auto":
+        device = str(process_device())
+    pipe = load(model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    accelerator = apply(pipe, *(parse_method(s) for s in specs))
+    times, image = [], None
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        image = pipe(**call_kwargs(pipe, request), output_type="np").images
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, np.asarray(image), accelerator.report()
+
+
+def _worker(rank: int, model: str, request: GenerationRequest, specs: list[str], warmup: int, repeats: int,
+            device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, dict[str, float], float]:
+    times, image, report = _timed_calls(model, request, specs, warmup, repeats, device, dtype, threads)
+    steps = max(len(report.steps), 1)
+    per_step = {kind: c.bytes_sent / steps for kind, c in report.comm_by_kind.items() if kind != "wait"}
+    return times, image, per_step, report.comm_seconds
+
+
+def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[str, list[str]], processes: int, *,
+                       warmup: int = 1, repeats: int = 2, threads: int | None = None, device: str = "auto",
+                       dtype: str = "auto") -> ParallelBenchResult:
+    """``settings``: label -> method specs, each including one ``patch:...`` spec."""
+    from ..parallel.launch import run_processes
+
+    if processes < 2:
+        raise ValueError(f"--parallel: needs at least 2 processes to compare with one, got {processes}")
+    for label, specs in settings.items():
+        if sum(isinstance(parse_method(s), PatchParallel) for s in specs) != 1:
+            raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")
+    single_specs = [s for s in next(iter(settings.values())) if not isinstance(parse_method(s), PatchParallel)]
+    times, reference, _ = _timed_calls(model, request, single_specs, warmup, repeats, device, dtype, threads)
+    single = ParallelRun("one process" + (f" ({', '.join(single_specs)})" if single_specs else ""), single_specs, 1,
+                         times, statistics.median(times))
+    runs = [single]
+    for label, specs in settings.items():
+        outcomes = run_processes(processes, _worker, model, request, specs, warmup, repeats, device, dtype, threads,
+                                 threads=threads)
+        for rank, (status, value) in enumerate(outcomes):
+            if status != "ok":
+                raise RuntimeError(f"--parallel: process {rank} of setting {label!r} failed: {value}")
+        run_times, image, per_step, comm = outcomes[0][1]
+        diff = np.abs(image.astype(np.float64) - reference.astype(np.float64))
+        runs.append(ParallelRun(label, specs, processes, run_times, statistics.median(run_times),
+                                single.median_s / statistics.median(run_times), per_step, comm,
+                                float(diff.max()), psnr(image, reference)))
+    return ParallelBenchResult(model, asdict(request), threads, runs)

@@ -1,0 +1,247 @@
+"""Patch parallelism on real gloo process groups (2 and 4 CPU processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import PatchParallel
+from fastdiff.models import build_builtin
+from fastdiff.parallel import row_partition
+from fastdiff.parallel.launch import run_processes
+
+SIZE = 64
+STEPS = 6
+
+
+def call(pipe, prompt="a red circle", steps=STEPS, size=SIZE, **kwargs):
+    return pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=torch.Generator().manual_seed(0),
+                output_type="np", **kwargs).images
+
+
+def quiet(name):
+    pipe = build_builtin(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _modes_worker(rank, models, modes, size):
+    """Each (model, mode): the image and this process's bytes sent per kind."""
+    results = {}
+    for name in models:
+        pipe = quiet(name)
+        for mode in modes:
+            for attempt in range(2 if mode == "distrifusion" else 1):
+                acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2))
+                image = call(pipe, size=size)
+                report = acc.report()
+                acc.remove()
+                results[(name, mode, attempt)] = (
+                    image, {k: v.bytes_sent for k, v in report.comm_by_kind.items()}, len(report.steps))
+    return results
+
+
+def _outcomes(world, target, *args):
+    outcomes = run_processes(world, target, *args, threads=1)
+    for status, value in outcomes:
+        assert status == "ok", value
+    return [value for _, value in outcomes]
+
+
+def _layer_shapes(pipe, size):
+    """Input shapes of every layer the patches exchange for, in one vanilla single-process call."""
+    from diffusers.models.attention_processor import Attention
+
+    shapes, handles = [], []
+    for module in pipe.unet.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
+            kind = "conv"
+        elif isinstance(module, torch.nn.GroupNorm):
+            kind = "groupnorm"
+        elif isinstance(module, Attention) and not module.is_cross_attention:
+            kind = "attention"
+        else:
+            continue
+        handles.append(module.register_forward_pre_hook(
+            lambda m, a, k=kind: shapes.append((k, m, tuple(a[0].shape)))))
+    call(pipe, steps=1, size=size)
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def expected_bytes(pipe, size, world, mode, rank=0, fraction=0.5):
+    """Bytes process ``rank`` sends in one step, counted from the layer shapes alone."""
+    shapes = _layer_shapes(pipe, size)
+    latent = size // pipe.vae_scale_factor
+    unit = 2 ** sum(1 for b in pipe.unet.down_blocks if getattr(b, "downsamplers", None))
+    partition = row_partition(latent, world, unit)
+    own = partition[rank][1] - partition[rank][0]
+    neighbours = (rank > 0) + (rank < world - 1)
+    others = world - 1
+    sent = {"conv": 0, "groupnorm": 0, "attention": 0}
+    for kind, module, shape in shapes:
+        if kind == "conv":
+            batch, channels, height, width = shape
+            rows = module.padding[0]
+            sent["conv"] += (batch * channels * rows * width * 4) * (neighbours if mode == "pcpp" else 2 * others)
+        elif kind == "groupnorm":
+            sent["groupnorm"] += shape[0] * module.num_groups * 3 * 8 * others
+        else:
+            batch, tokens, channels = shape
+            factor = int(round((latent * latent / tokens) ** 0.5))
+            rows = [(b - a) // factor for a, b in partition]
+            width = latent // factor
+            if mode == "pcpp":
+                share = max(1, int(np.ceil(fraction * rows[rank] - 1e-9)))
+                sent["attention"] += batch * share * width * channels * 4 * neighbours
+            else:
+                sent["attention"] += batch * max(rows) * width * channels * 4 * others
+    out_channels = pipe.unet.config.out_channels
+    batch = shapes[0][2][0]
+    sent["output"] = batch * out_channels * max(b - a for a, b in partition) * latent * 4 * others
+    return sent
+
+
+@pytest.fixture(scope="module")
+def sd_reference():
+    return call(quiet("tiny-sd"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_reference):
+    size = SIZE if world == 2 else 128  # tiny-sd splits into 8-row... 2x-downsampled units: 4 processes need 16 rows
+    models = ["tiny-sd", "tiny-sdxl"] if world == 2 else ["tiny-sd"]
+    results = _outcomes(world, _modes_worker, models, ["sync", "distrifusion", "pcpp"], size)
+    for name in models:
+        single = sd_reference if (name == "tiny-sd" and size == SIZE) else call(quiet(name), size=size)
+        for rank_results in results:
+            image = rank_results[(name, "sync", 0)][0]
+            assert np.abs(image - single).max() <= 1e-5, name  # gathered to every process
+        stale, again = results[0][(name, "distrifusion", 0)][0], results[0][(name, "distrifusion", 1)][0]
+        assert np.array_equal(stale, again)  # deterministic
+        assert 0 < np.abs(stale - single).max() < 0.1  # stale activations: close, not equal
+        pcpp = results[0][(name, "pcpp", 0)][0]
+        assert 0 < np.abs(pcpp - single).max() < 0.1
+    pipe = quiet("tiny-sd")
+    for mode in ("sync", "pcpp"):
+        want = expected_bytes(pipe, size, world, mode)
+        got, steps = results[0][("tiny-sd", mode, 0)][1], results[0][("tiny-sd", mode, 0)][2]
+        assert got == {k: v * steps for k, v in want.items()}, mode
+    # DistriFusion moves what sync moves, except the last step's (nobody would read it)
+    distri, steps = results[0][("tiny-sd", "distrifusion", 0)][1], results[0][("tiny-sd", "distrifusion", 0)][2]
+    sync = expected_bytes(pipe, size, world, "sync")
+    assert {k: v for k, v in distri.items() if k != "wait"} == {
+        k: v * steps if k == "output" else v * (steps - 1) for k, v in sync.items()}
+    if world == 4:
+        pcpp_total = sum(expected_bytes(pipe, size, world, "pcpp").values())
+        assert pcpp_total <= 0.35 * sum(sync.values())
+
+
+def _deepcache_worker(rank):
+    pipe = quiet("tiny-sd")
+    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2), PatchParallel(mode="sync"))
+    image = call(pipe)
+    report = acc.report()
+    return image, [s.bytes_sent for s in report.steps]
+
+
+def test_composes_with_deepcache():
+    pipe = quiet("tiny-sd")
+    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2))
+    single = call(pipe)
+    acc.remove()
+    (image, per_step), _ = _outcomes(2, _deepcache_worker)
+    assert np.abs(image - single).max() <= 1e-5
+    full, cached = per_step[0::2], per_step[1::2]
+    assert all(c < f for f, c in zip(full, cached))  # cached blocks skip their exchanges
+
+
+def _crash_worker(rank):
+    pipe = quiet("tiny-sd")
+    fastdiff.apply(pipe, PatchParallel(mode="sync", timeout=30))
+
+    def stop(pipeline, step, timestep, kwargs):
+        if rank == 1 and step == 1:
+            os._exit(0)  # a process dying mid-call, without a word to the others
+        return kwargs
+
+    call(pipe, callback_on_step_end=stop)
+    return "finished"
+
+
+def test_a_crashed_process_makes_the_others_fail():
+    outcomes = run_processes(2, _crash_worker, threads=1)
+    status, message = outcomes[0]
+    assert status == "error" and "PeerLost" in message and "lost contact with the others" in message
+    assert outcomes[1][0] == "lost"
+
+
+def _mismatch_worker(rank):
+    pipe = quiet("tiny-sd")
+    fastdiff.apply(pipe, PatchParallel(mode="sync"))
+    call(pipe, prompt="a red circle" if rank == 0 else "a blue square")
+
+
+def test_processes_with_different_prompts_are_refused():
+    for status, message in run_processes(2, _mismatch_worker, threads=1):
+        assert status == "error" and "makes a different call" in message and "prompt embedding sum" in message
+
+
+def test_launchers_run_the_cli(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3", "--method", "patch:mode=pcpp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                "--out", str(tmp_path / "torchrun.png")]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
+                  "--out", str(tmp_path / "accelerate.png")]
+    for command, name in ((torchrun, "torchrun.png"), (accelerate, "accelerate.png")):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("wrote ") == 1 and "sent" in done.stdout  # only the main process writes
+        assert (tmp_path / name).exists()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        PatchParallel(mode="fast")
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
+        PatchParallel(warmup_steps=-1)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"neighbor_fraction must be in \(0, 1\]"):
+            PatchParallel(mode="pcpp", neighbor_fraction=fraction)
+    with pytest.raises(ValueError, match="more processes"):
+        row_partition(8, 8, unit=2)
+    assert row_partition(24, 3, unit=4) == [(0, 8), (8, 16), (16, 24)]
+    assert row_partition(20, 3, unit=4) == [(0, 8), (8, 16), (16, 20)]  # uneven: the first take one unit more
+    # one process: a no-op, bit-identical to vanilla
+    pipe = quiet("tiny-sd")
+    vanilla = call(pipe)
+    acc = fastdiff.apply(pipe, PatchParallel())
+    assert np.array_equal(call(pipe), vanilla)
+    acc.remove()
+    with pytest.raises(TypeError, match="DiTTransformer2DModel is not supported yet"):
+        fastdiff.apply(quiet("tiny-dit"), PatchParallel())
+
+
+def test_bench_parallel_compares_with_one_process(tmp_path, capsys):
+    import json
+
+    from fastdiff.cli import main
+
+    path = tmp_path / "parallel.json"
+    assert main(["bench", "--model", "tiny-sd", "--steps", "3", "--parallel", "2", "--threads", "1", "--repeats", "1",
+                 "--method", "patch:mode=sync", "--variant", "patch:mode=pcpp", "--json", str(path)]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["processes"] for r in runs] == [1, 2, 2]
+    sync, pcpp = runs[1], runs[2]
+    assert sync["max_abs_diff"] <= 1e-5 and pcpp["max_abs_diff"] > 0
+    assert sync["bytes_sent_per_step"]["attention"] > pcpp["bytes_sent_per_step"]["attention"] > 0
+    assert "MiB sent per step by layer type" in capsys.readouterr().out
