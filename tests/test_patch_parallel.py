@@ -31,14 +31,14 @@ def quiet(name):
     return pipe
 
 
-def _modes_worker(rank, models, modes, size):
+def _modes_worker(rank, models, modes, size, split=False):
     """Each (model, mode): the image and this process's bytes sent per kind."""
     results = {}
     for name in models:
         pipe = quiet(name)
         for mode in modes:
             for attempt in range(2 if mode == "distrifusion" else 1):
-                acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2))
+                acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2, split_guidance=split))
                 image = call(pipe, size=size)
                 report = acc.report()
                 acc.remove()
@@ -82,7 +82,6 @@ def expected_bytes(pipe, size, world, mode, rank=0, fraction=0.5):
     latent = size // pipe.vae_scale_factor
     unit = 2 ** sum(1 for b in pipe.unet.down_blocks if getattr(b, "downsamplers", None))
     partition = row_partition(latent, world, unit)
-    own = partition[rank][1] - partition[rank][0]
     neighbours = (rank > 0) + (rank < world - 1)
     others = world - 1
     sent = {"conv": 0, "groupnorm": 0, "attention": 0}
@@ -144,9 +143,21 @@ def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_referenc
         assert pcpp_total <= 0.35 * sum(sync.values())
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_guidance_equals_single_process(world, sd_reference):
+    """Half the processes take the unconditional branch, half the conditional one."""
+    size = SIZE if world == 2 else 128
+    single = sd_reference if size == SIZE else call(quiet("tiny-sd"), size=size)
+    results = _outcomes(world, _modes_worker, ["tiny-sd"], ["sync"], size, True)
+    for rank_results in results:
+        image, sent, _ = rank_results[("tiny-sd", "sync", 0)]
+        assert np.abs(image - single).max() <= 1e-5
+        assert sent["guidance"] > 0 and (sent.get("attention", 0) > 0) == (world == 4)
+
+
 def _deepcache_worker(rank):
     pipe = quiet("tiny-sd")
-    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2), PatchParallel(mode="sync"))
+    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2), PatchParallel(mode="sync", split_guidance=False))
     image = call(pipe)
     report = acc.report()
     return image, [s.bytes_sent for s in report.steps]
@@ -165,7 +176,7 @@ def test_composes_with_deepcache():
 
 def _crash_worker(rank):
     pipe = quiet("tiny-sd")
-    fastdiff.apply(pipe, PatchParallel(mode="sync", timeout=30))
+    fastdiff.apply(pipe, PatchParallel(mode="sync", timeout=30, split_guidance=False))
 
     def stop(pipeline, step, timestep, kwargs):
         if rank == 1 and step == 1:
@@ -185,7 +196,7 @@ def test_a_crashed_process_makes_the_others_fail():
 
 def _mismatch_worker(rank):
     pipe = quiet("tiny-sd")
-    fastdiff.apply(pipe, PatchParallel(mode="sync"))
+    fastdiff.apply(pipe, PatchParallel(mode="sync", split_guidance=False))
     call(pipe, prompt="a red circle" if rank == 0 else "a blue square")
 
 
@@ -238,7 +249,7 @@ def test_bench_parallel_compares_with_one_process(tmp_path, capsys):
 
     path = tmp_path / "parallel.json"
     assert main(["bench", "--model", "tiny-sd", "--steps", "3", "--parallel", "2", "--threads", "1", "--repeats", "1",
-                 "--method", "patch:mode=sync", "--variant", "patch:mode=pcpp", "--json", str(path)]) == 0
+                 "--method", "patch:mode=sync,split_guidance=false", "--variant", "patch:mode=pcpp,split_guidance=false", "--json", str(path)]) == 0
     runs = json.loads(path.read_text())["runs"]
     assert [r["processes"] for r in runs] == [1, 2, 2]
     sync, pcpp = runs[1], runs[2]

@@ -169,7 +169,7 @@ class TGate(Method):
         return {self.gate_step - 1, self.gate_step}
 
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
-        halves = _guidance_batched(runtime)
+        halves = guidance_batched(runtime)
         sample = denoiser_sample(args, kwargs)
         batch = sample.shape[0] if sample is not None and sample.dim() else 0
         self._live.halves = halves and batch % 2 == 0 and batch > 0
@@ -182,7 +182,7 @@ class TGate(Method):
         return _doubled(output)
 
 
-def _guidance_batched(runtime: Accelerator) -> bool:
+def guidance_batched(runtime: Accelerator) -> bool:
     """Whether this call batches classifier-free guidance as [unconditional, conditional].
 
     SD-style pipelines say so (``do_classifier_free_guidance``); others (PixArt) decide from

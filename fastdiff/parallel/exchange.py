@@ -29,9 +29,14 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 class Exchange:
-    def __init__(self, rank: int, world_size: int, record: Record, *, keep_latest: bool, context: str = "") -> None:
+    def __init__(self, rank: int, world_size: int, record: Record, *, keep_latest: bool, context: str = "",
+                 group: Any = None, peers: list[int] | None = None) -> None:
+        """``rank``/``world_size`` within ``group`` (default: the whole world); ``peers``: the global
+        rank of each member, for point-to-point messages."""
         self.rank = rank
         self.world_size = world_size
+        self.group = group
+        self.peers = peers if peers is not None else list(range(world_size))
         self.record = record
         self.keep_latest = keep_latest
         self.context = context
@@ -64,7 +69,7 @@ class Exchange:
                 return parts
         parts = [torch.empty_like(payload) for _ in range(self.world_size)]
         start = time.perf_counter()
-        self._run(f"a {kind} exchange", lambda: dist.all_gather(parts, payload))
+        self._run(f"a {kind} exchange", lambda: dist.all_gather(parts, payload, group=self.group))
         size = _nbytes(payload) * (self.world_size - 1)
         self.record(kind, size, size, time.perf_counter() - start)
         if self.keep_latest:
@@ -82,7 +87,7 @@ class Exchange:
         for items in groups.values():
             flat = torch.cat([t.reshape(-1) for _, _, t in items])
             parts = [torch.empty_like(flat) for _ in range(self.world_size)]
-            work = self._run("a stale exchange", lambda: dist.all_gather(parts, flat, async_op=True))
+            work = self._run("a stale exchange", lambda: dist.all_gather(parts, flat, group=self.group, async_op=True))
             self.pending.append((work, parts, [(key, t.shape, t.numel()) for key, _, t in items]))
             for _, kind, t in items:
                 size = _nbytes(t) * (self.world_size - 1)
@@ -107,6 +112,20 @@ class Exchange:
         self._settle()
         self.outbound = []
 
+    def swap(self, kind: str, tensor: torch.Tensor, partner: int) -> torch.Tensor:
+        """Send ``tensor`` to the process with global rank ``partner`` and receive its own."""
+        received = torch.empty_like(tensor)
+        start = time.perf_counter()
+
+        def exchange() -> None:
+            works = [dist.isend(tensor.contiguous(), partner), dist.irecv(received, partner)]
+            for work in works:
+                work.wait()
+
+        self._run(f"a {kind} exchange with the partner process", exchange)
+        self.record(kind, _nbytes(tensor), _nbytes(received), time.perf_counter() - start)
+        return received
+
     # -- neighbours only ----------------------------------------------------------------------
     def neighbours(self, kind: str, to_above: torch.Tensor, to_below: torch.Tensor,
                    above_shape: tuple[int, ...], below_shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -119,10 +138,11 @@ class Exchange:
 
         def exchange() -> None:
             works = []
+            peers = self.peers
             if from_above is not None:
-                works += [dist.isend(to_above.contiguous(), rank - 1), dist.irecv(from_above, rank - 1)]
+                works += [dist.isend(to_above.contiguous(), peers[rank - 1]), dist.irecv(from_above, peers[rank - 1])]
             if from_below is not None:
-                works += [dist.isend(to_below.contiguous(), rank + 1), dist.irecv(from_below, rank + 1)]
+                works += [dist.isend(to_below.contiguous(), peers[rank + 1]), dist.irecv(from_below, peers[rank + 1])]
             for work in works:
                 work.wait()
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..caching.blocks import is_unet
 from ..core.method import Method
-from ..core.rules import denoiser_sample, main_tensor, with_main_tensor
+from ..caching.tgate import guidance_batched
+from ..core.rules import denoiser_sample, main_tensor, map_batched, with_main_tensor
 from .exchange import Exchange
 from .group import DEFAULT_TIMEOUT_S, ProcessGroup, process_group
 from .layers import ConvHook, GroupNormHook, PatchCall, SelfAttentionHook
@@ -40,6 +41,30 @@ if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
 
 MODES = ("distrifusion", "pcpp", "sync")
+_WARNED_ONE_PROCESS = False
+
+
+@dataclass(frozen=True)
+class _Halves:
+    """This process's side of a guidance split: its half's group, its rank there, and its partner."""
+
+    part: int  # 0: unconditional half, 1: conditional
+    group: Any
+    rank: int
+    size: int
+    peers: list[int]
+    partner: int
+
+
+def _make_halves(group: ProcessGroup) -> _Halves | None:
+    if group.world_size < 2 or group.world_size % 2:
+        return None
+    half = group.world_size // 2
+    ranks = [list(range(half)), list(range(half, group.world_size))]
+    handles = [dist.new_group(r) for r in ranks]  # every process creates both, in the same order
+    part = group.rank // half
+    return _Halves(part, handles[part], group.rank - part * half, half, ranks[part],
+                   group.rank + half if part == 0 else group.rank - half)
 
 
 def _replace_sample(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
@@ -63,6 +88,10 @@ class PatchParallel(Method):
         warmup_steps: DistriFusion's synchronous steps; ``>=`` the step count means every step is
             synchronous (the same as ``mode="sync"``).
         neighbor_fraction: PCPP's share of each neighbouring patch's rows that self-attention sees.
+        split_guidance: with classifier-free guidance and an even number of processes (>= 2), half
+            of them compute the unconditional branch and half the conditional one, each half
+            splitting its image into patches; the halves swap results at every step. Otherwise
+            (no guidance, one or an odd number of processes) every process takes both halves.
         timeout: seconds a process waits for the others before failing (a crashed peer).
     """
 
@@ -73,8 +102,10 @@ class PatchParallel(Method):
     mode: str = "distrifusion"
     warmup_steps: int = 4
     neighbor_fraction: float = 0.5
+    split_guidance: bool = True
     timeout: float = DEFAULT_TIMEOUT_S
     _group: ProcessGroup | None = field(default=None, init=False, repr=False, compare=False)
+    _halves: _Halves | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,7 +138,14 @@ class PatchParallel(Method):
                 f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL); {type(denoiser).__name__} is not supported yet"
             )
         if self.group.world_size == 1:
+            global _WARNED_ONE_PROCESS
+            if self.split_guidance and not _WARNED_ONE_PROCESS:
+                _WARNED_ONE_PROCESS = True
+                warnings.warn("PatchParallel: one process (not launched with torchrun/accelerate): nothing to split, "
+                              "patches and split_guidance are off", stacklevel=3)
             return []
+        if self.split_guidance and self._halves is None:
+            self._halves = _make_halves(self.group)
         state = runtime.call_state
 
         def current() -> PatchCall | None:
@@ -131,22 +169,50 @@ class PatchParallel(Method):
         if group.world_size == 1 or sample is None or sample.dim() != 4:
             return forward(*args, **kwargs)
         state = runtime.call_state(self)
-        partition = row_partition(sample.shape[-2], group.world_size, _total_downsampling(runtime.denoiser))
-        step, steps = runtime.clock.step, runtime.clock.num_steps or 0
+        steps = runtime.clock.num_steps or 0
+        batch = sample.shape[0]
         exchange = state.get("exchange")
         if exchange is None:
-            exchange = state["exchange"] = Exchange(group.rank, group.world_size, runtime.record_comm,
-                                                    keep_latest=self.mode == "distrifusion")
+            halves = self._guidance_split(runtime, batch)
+            state["halves"] = halves
+            rank, size = (halves.rank, halves.size) if halves else (group.rank, group.world_size)
+            exchange = state["exchange"] = Exchange(
+                rank, size, runtime.record_comm, keep_latest=self.mode == "distrifusion",
+                group=halves.group if halves else None, peers=halves.peers if halves else None)
             self._check_agreement(runtime, exchange, sample, args, kwargs)
             if self.mode == "distrifusion" and self.warmup_steps >= steps:
                 warnings.warn(f"PatchParallel: warmup_steps={self.warmup_steps} covers all {steps} steps, so every "
                               "step exchanges synchronously (exact, no stale activations)", stacklevel=2)
+        halves = state["halves"]
+        if halves is not None:
+            half = batch // 2
+            take = lambda t: t[halves.part * half:(halves.part + 1) * half]  # noqa: E731
+            args, kwargs = map_batched(args, batch, take), map_batched(kwargs, batch, take)
+            sample = denoiser_sample(args, kwargs)
+        if exchange.world_size == 1:  # a half of one process: the guidance split is all there is
+            output = forward(*args, **kwargs)
+            full = main_tensor(output)
+        else:
+            output, full = self._patched_call(runtime, forward, args, kwargs, sample, exchange)
+        if full is None:
+            return output
+        if halves is not None:
+            other = exchange.swap("guidance", full, halves.partner)
+            full = torch.cat([full, other] if halves.part == 0 else [other, full])
+        return with_main_tensor(output, full)
+
+    def _patched_call(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict, sample: torch.Tensor,
+                      exchange: Exchange) -> tuple[Any, torch.Tensor | None]:
+        """Run this process's rows; return the output and its main tensor gathered to full height."""
+        state = runtime.call_state(self)
+        step, steps = runtime.clock.step, runtime.clock.num_steps or 0
+        partition = row_partition(sample.shape[-2], exchange.world_size, _total_downsampling(runtime.denoiser))
         exchange.context = f" (step {step})"
         exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
-        start, stop = partition[group.rank]
+        start, stop = partition[exchange.rank]
         patch_args, patch_kwargs = _replace_sample(args, kwargs, sample[:, :, start:stop].contiguous())
-        state["patch"] = PatchCall(group.rank, group.world_size, partition, sample.shape[-1], exchange, self.mode,
-                                   self.neighbor_fraction, prefix=runtime.clock.calls_in_step)
+        state["patch"] = PatchCall(exchange.rank, exchange.world_size, partition, sample.shape[-1], exchange,
+                                   self.mode, self.neighbor_fraction, prefix=runtime.clock.calls_in_step)
         try:
             output = forward(*patch_args, **patch_kwargs)
         finally:
@@ -156,9 +222,20 @@ class PatchParallel(Method):
         else:
             exchange.outbound = []
         patch = main_tensor(output)
-        if patch is None:
-            return output
-        return with_main_tensor(output, self._gather_rows(exchange, patch, partition))
+        return output, None if patch is None else self._gather_rows(exchange, patch, partition)
+
+    def _guidance_split(self, runtime: Accelerator, batch: int) -> _Halves | None:
+        if not self.split_guidance:
+            return None
+        reason = None
+        if self._halves is None:
+            reason = f"{self.group.world_size} processes (needs an even number >= 2)"
+        elif not guidance_batched(runtime) or batch % 2:
+            reason = "this call has no classifier-free guidance batch"
+        if reason is None:
+            return self._halves
+        warnings.warn(f"PatchParallel: split_guidance falls back to splitting patches only: {reason}", stacklevel=3)
+        return None
 
     # -- helpers ------------------------------------------------------------------------------
     def _gather_rows(self, exchange: Exchange, patch: torch.Tensor, partition: list[tuple[int, int]]) -> torch.Tensor:
@@ -184,13 +261,13 @@ class PatchParallel(Method):
             "latent sum": float(sample.double().sum()),
             "prompt embedding sum": float(context.double().sum()) if isinstance(context, torch.Tensor) else None,
         }
-        everyone: list[Any] = [None] * exchange.world_size
+        everyone: list[Any] = [None] * self.group.world_size
         exchange._run("the check that all processes make the same call",
                       lambda: dist.all_gather_object(everyone, mine))
         for rank, theirs in enumerate(everyone):
             if theirs != mine:
                 differing = sorted(k for k in mine if theirs.get(k) != mine.get(k))
                 raise ValueError(
-                    f"PatchParallel: process {rank} makes a different call from process {exchange.rank} "
+                    f"PatchParallel: process {rank} makes a different call from process {self.group.rank} "
                     f"(differs in {', '.join(differing)}); start every process with the same arguments, prompts and seed"
                 )
