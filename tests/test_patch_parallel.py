@@ -238,8 +238,36 @@ def test_bad_input():
     acc = fastdiff.apply(pipe, PatchParallel())
     assert np.array_equal(call(pipe), vanilla)
     acc.remove()
-    with pytest.raises(TypeError, match="DiTTransformer2DModel is not supported yet"):
-        fastdiff.apply(quiet("tiny-dit"), PatchParallel())
+
+
+def _transformer_call(pipe):
+    if type(pipe).__name__.startswith("DiT"):
+        return pipe(class_labels=[1], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+    return call(pipe, size=256)
+
+
+def _transformer_worker(rank):
+    results = {}
+    for name in ("tiny-dit", "tiny-pixart"):
+        pipe = quiet(name)
+        for mode in ("sync", "distrifusion", "pcpp"):
+            acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2, split_guidance=False))
+            image = _transformer_call(pipe)
+            results[(name, mode)] = (image, {k: v.bytes_sent for k, v in acc.report().comm_by_kind.items()})
+            acc.remove()
+    return results
+
+
+def test_transformers_split_into_token_rows():
+    results = _outcomes(2, _transformer_worker)
+    for name in ("tiny-dit", "tiny-pixart"):
+        single = _transformer_call(quiet(name))
+        for rank_results in results:
+            assert np.abs(rank_results[(name, "sync")][0] - single).max() <= 1e-5, name
+        for mode in ("distrifusion", "pcpp"):
+            image, sent = results[0][(name, mode)]
+            assert 0 < np.abs(image - single).max() < 0.1 and sent["attention"] > 0, (name, mode)
 
 
 def test_bench_parallel_compares_with_one_process(tmp_path, capsys):

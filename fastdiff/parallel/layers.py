@@ -39,6 +39,13 @@ class PatchCall:
     neighbor_fraction: float
     prefix: Any = None
     ordinals: Counter = field(default_factory=Counter)
+    patch_size: int = 1  # transformers: latent rows per token row
+
+    def token_range(self, rank: int | None = None) -> tuple[int, int]:
+        """A transformer's tokens of ``rank`` (default: this process) in the full row-major sequence."""
+        start, stop = self.partition[self.rank if rank is None else rank]
+        per_row = self.width // self.patch_size
+        return start // self.patch_size * per_row, stop // self.patch_size * per_row
 
     def key(self, path: str) -> tuple:
         n = self.ordinals[path]
@@ -96,13 +103,16 @@ class ConvHook(_PatchHook):
 class GroupNormHook(_PatchHook):
     def patched(self, call: PatchCall, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         batch, groups = x.shape[0], module.num_groups
-        values = x.reshape(batch, groups, -1).double()
+        values = x.reshape(batch, groups, -1)
+        # sums accumulated in float64 (no float64 copy of the activations), normalised in x's dtype
         count = torch.full((batch, groups), float(values.shape[-1]), dtype=torch.float64, device=x.device)
-        stats = torch.stack([values.sum(-1), (values * values).sum(-1), count], dim=-1)
+        stats = torch.stack([values.sum(-1, dtype=torch.float64), (values * values).sum(-1, dtype=torch.float64),
+                             count], dim=-1)
         total = torch.stack(call.exchange.gather(call.key(self.path), "groupnorm", stats)).sum(0)
-        mean = (total[..., 0] / total[..., 2]).unsqueeze(-1)
-        variance = (total[..., 1] / total[..., 2]).unsqueeze(-1) - mean * mean
-        normed = ((values - mean) / torch.sqrt(variance.clamp_min(0.0) + module.eps)).to(x.dtype).reshape(x.shape)
+        mean = total[..., 0] / total[..., 2]
+        variance = (total[..., 1] / total[..., 2] - mean * mean).clamp_min(0.0)
+        scale = torch.rsqrt(variance + module.eps).to(x.dtype).unsqueeze(-1)
+        normed = ((values - mean.to(x.dtype).unsqueeze(-1)) * scale).reshape(x.shape)
         if module.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             normed = normed * module.weight.reshape(shape) + module.bias.reshape(shape)
@@ -125,6 +135,33 @@ class SelfAttentionHook(_PatchHook):
             parts = call.exchange.gather(call.key(self.path), "attention", padded)
             context = torch.cat([p[:, : r * width] for p, r in zip(parts, rows)], dim=1)
         return forward(hidden_states, **{**kwargs, "encoder_hidden_states": context})
+
+
+class TokenSliceHook(_PatchHook):
+    """On a transformer's patch embedding: embed the full latent (positions stay right), keep this
+    process's token rows."""
+
+    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = self.fn_ref.original_forward(*args, **kwargs)
+        start, stop = call.token_range()
+        return tokens[:, start:stop]
+
+
+class TokenGatherHook(_PatchHook):
+    """On a transformer's last block: every process's tokens, so the final layer and the
+    unpatchify see the whole image."""
+
+    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        own = self.fn_ref.original_forward(*args, **kwargs)
+        ranges = [call.token_range(r) for r in range(call.world_size)]
+        most = max(b - a for a, b in ranges)
+        padded = F.pad(own, (0, 0, 0, most - own.shape[1])) if most > own.shape[1] else own
+        stale, call.exchange.stale = call.exchange.stale, False  # the output is always exchanged fresh
+        try:
+            parts = call.exchange.gather(None, "output", padded)
+        finally:
+            call.exchange.stale = stale
+        return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, ranges)], dim=1)
 
 
 def _partial_context(call: PatchCall, hidden: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:

@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..caching.blocks import is_unet
+from ..caching.blocks import is_transformer, is_unet
 from ..core.method import Method
 from ..caching.tgate import guidance_batched
 from ..core.rules import denoiser_sample, main_tensor, map_batched, with_main_tensor
 from .exchange import Exchange
 from .group import DEFAULT_TIMEOUT_S, ProcessGroup, process_group
-from .layers import ConvHook, GroupNormHook, PatchCall, SelfAttentionHook
+from .layers import ConvHook, GroupNormHook, PatchCall, SelfAttentionHook, TokenGatherHook, TokenSliceHook
 from .split import row_partition
 
 if TYPE_CHECKING:
@@ -74,8 +74,11 @@ def _replace_sample(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tup
     return args, {**kwargs, name: value}
 
 
-def _total_downsampling(unet: torch.nn.Module) -> int:
-    return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+def _row_unit(denoiser: torch.nn.Module) -> int:
+    """The fewest latent rows a patch can have: a UNet's total downsampling, a transformer's patch size."""
+    if is_transformer(denoiser):
+        return int(denoiser.config.patch_size)
+    return 2 ** sum(1 for block in denoiser.down_blocks if getattr(block, "downsamplers", None))
 
 
 @dataclass
@@ -133,9 +136,10 @@ class PatchParallel(Method):
     def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
         from diffusers.models.attention_processor import Attention
 
-        if not is_unet(denoiser):
+        if not (is_unet(denoiser) or (is_transformer(denoiser) and hasattr(denoiser, "pos_embed"))):
             raise TypeError(
-                f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL); {type(denoiser).__name__} is not supported yet"
+                f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL) and patch-embedding transformers (DiT, "
+                f"PixArt); {type(denoiser).__name__} is neither"
             )
         if self.group.world_size == 1:
             global _WARNED_ONE_PROCESS
@@ -152,6 +156,10 @@ class PatchParallel(Method):
             return state(self).get("patch")
 
         hooks: list[tuple[str, Any]] = []
+        if is_transformer(denoiser):
+            hooks.append(("pos_embed", TokenSliceHook("pos_embed", current)))
+            last = f"transformer_blocks.{len(denoiser.transformer_blocks) - 1}"
+            hooks.append((last, TokenGatherHook(last, current)))
         for path, module in denoiser.named_modules():
             if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
                 if module.padding_mode != "zeros" or isinstance(module.padding, str) or module.dilation[0] != 1:
@@ -206,13 +214,19 @@ class PatchParallel(Method):
         """Run this process's rows; return the output and its main tensor gathered to full height."""
         state = runtime.call_state(self)
         step, steps = runtime.clock.step, runtime.clock.num_steps or 0
-        partition = row_partition(sample.shape[-2], exchange.world_size, _total_downsampling(runtime.denoiser))
+        unit = _row_unit(runtime.denoiser)
+        transformer = is_transformer(runtime.denoiser)
+        partition = row_partition(sample.shape[-2], exchange.world_size, unit)
         exchange.context = f" (step {step})"
         exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
         start, stop = partition[exchange.rank]
-        patch_args, patch_kwargs = _replace_sample(args, kwargs, sample[:, :, start:stop].contiguous())
+        if transformer:  # the patch embedding sees the whole latent and keeps this process's tokens
+            patch_args, patch_kwargs = args, kwargs
+        else:
+            patch_args, patch_kwargs = _replace_sample(args, kwargs, sample[:, :, start:stop].contiguous())
         state["patch"] = PatchCall(exchange.rank, exchange.world_size, partition, sample.shape[-1], exchange,
-                                   self.mode, self.neighbor_fraction, prefix=runtime.clock.calls_in_step)
+                                   self.mode, self.neighbor_fraction, prefix=runtime.clock.calls_in_step,
+                                   patch_size=unit if transformer else 1)
         try:
             output = forward(*patch_args, **patch_kwargs)
         finally:
@@ -222,7 +236,9 @@ class PatchParallel(Method):
         else:
             exchange.outbound = []
         patch = main_tensor(output)
-        return output, None if patch is None else self._gather_rows(exchange, patch, partition)
+        if transformer or patch is None:  # a transformer gathered its tokens before the final layer
+            return output, patch
+        return output, self._gather_rows(exchange, patch, partition)
 
     def _guidance_split(self, runtime: Accelerator, batch: int) -> _Halves | None:
         if not self.split_guidance:
