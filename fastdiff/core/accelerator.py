@@ -171,8 +171,9 @@ class Accelerator:
             self._register(self.denoiser, DenoiserClockHook(self), CLOCK_HOOK)
             modules = dict(self.denoiser.named_modules())
             for method in self.methods:  # inner to the reuse hooks: a reused module runs none of them
-                for path, hook in method.module_hooks(self, self.denoiser):
-                    self._register(modules[path], hook, f"fastdiff.{method.spec_name or method.name}")
+                for target, hook in method.module_hooks(self, self.denoiser):
+                    module = modules[target] if isinstance(target, str) else target
+                    self._register(module, hook, f"fastdiff.{method.spec_name or method.name}")
             for path, owner in owners.items():
                 hook = ReuseHook(self, path, owner.name, owner.reuse_rule(self.denoiser, path))
                 self._register(modules[path], hook, REUSE_HOOK)

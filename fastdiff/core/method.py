@@ -62,9 +62,10 @@ class Method:
         """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
         return None
 
-    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
-        """Extra ``(path, diffusers ModelHook)`` pairs this method needs beside the plan (e.g. layers
-        that exchange data between processes); installed and removed with everything else, inside
+    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[Any, Any]]:
+        """Extra ``(path or module, diffusers ModelHook)`` pairs this method needs beside the plan
+        (e.g. layers that exchange data between processes; a path names a denoiser module, other
+        pipeline modules are given directly); installed and removed with everything else, inside
         the reuse hooks, so a module that is reused or skipped runs none of them."""
         return []
 

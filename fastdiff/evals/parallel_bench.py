@@ -88,7 +88,8 @@ def _worker(rank: int, model: str, request: GenerationRequest, specs: list[str],
             device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, dict[str, float], float]:
     times, image, report = _timed_calls(model, request, specs, warmup, repeats, device, dtype, threads)
     steps = max(len(report.steps), 1)
-    per_step = {kind: c.bytes_sent / steps for kind, c in report.comm_by_kind.items() if kind != "wait"}
+    per_step = {kind: c.bytes_sent / steps for kind, c in report.comm_by_kind.items()
+                if kind != "wait" and not kind.startswith("vae")}  # the VAE decode runs once, not per step
     return times, image, per_step, report.comm_seconds
 
 

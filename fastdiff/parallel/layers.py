@@ -123,16 +123,21 @@ class SelfAttentionHook(_PatchHook):
     def patched(self, call: PatchCall, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any,
                 **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        if args or kwargs.get("encoder_hidden_states") is not None or hidden_states.dim() != 3:
+        if (args or kwargs.get("encoder_hidden_states") is not None or hidden_states.dim() not in (3, 4)
+                or getattr(module, "spatial_norm", None) is not None):
             return forward(hidden_states, *args, **kwargs)
-        tokens = hidden_states.shape[1]
-        rows, width = call.rows_and_width(tokens)
+        tokens = hidden_states.flatten(2).transpose(1, 2) if hidden_states.dim() == 4 else hidden_states
+        if getattr(module, "group_norm", None) is not None:
+            # keys/values come from the normalised tokens (a VAE's attention normalises inside)
+            tokens = module.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        count = tokens.shape[1]
+        rows, width = call.rows_and_width(count)
         if call.mode == "pcpp":
-            context = _partial_context(call, hidden_states, rows, width)
+            context = _partial_context(call, tokens, rows, width)
         else:
             most = max(rows) * width
-            padded = F.pad(hidden_states, (0, 0, 0, most - tokens)) if most > tokens else hidden_states
-            parts = call.exchange.gather(call.key(self.path), "attention", padded)
+            padded = F.pad(tokens, (0, 0, 0, most - count)) if most > count else tokens
+            parts = call.exchange.gather(call.key(self.path), "attention", padded.contiguous())
             context = torch.cat([p[:, : r * width] for p, r in zip(parts, rows)], dim=1)
         return forward(hidden_states, **{**kwargs, "encoder_hidden_states": context})
 
@@ -162,6 +167,31 @@ class TokenGatherHook(_PatchHook):
         finally:
             call.exchange.stale = stale
         return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, ranges)], dim=1)
+
+
+class DecoderHook(ModelHook):
+    """On a VAE's decoder: each process decodes its rows of the latent (every layer exchanging
+    synchronously, so the image is exact) and the image rows are gathered to every process."""
+
+    def __init__(self, start: Any) -> None:
+        super().__init__()
+        self.start = start  # (sample) -> PatchCall | None: opens the split, None when it cannot
+
+    def new_forward(self, module: torch.nn.Module, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        call = self.start(sample)
+        if call is None:
+            return forward(sample, *args, **kwargs)
+        start, stop = call.partition[call.rank]
+        try:
+            image = forward(sample[:, :, start:stop].contiguous(), *args, **kwargs)
+        finally:
+            self.start(None)
+        scale = image.shape[-2] // (stop - start)
+        most = max(b - a for a, b in call.partition) * scale
+        padded = F.pad(image, (0, 0, 0, most - image.shape[-2])) if most > image.shape[-2] else image
+        parts = call.exchange.gather(None, "output", padded.contiguous())
+        return torch.cat([p[..., : (b - a) * scale, :] for p, (a, b) in zip(parts, call.partition)], dim=-2)
 
 
 def _partial_context(call: PatchCall, hidden: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:

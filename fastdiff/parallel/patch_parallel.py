@@ -34,7 +34,15 @@ from ..caching.tgate import guidance_batched
 from ..core.rules import denoiser_sample, main_tensor, map_batched, with_main_tensor
 from .exchange import Exchange
 from .group import DEFAULT_TIMEOUT_S, ProcessGroup, process_group
-from .layers import ConvHook, GroupNormHook, PatchCall, SelfAttentionHook, TokenGatherHook, TokenSliceHook
+from .layers import (
+    ConvHook,
+    DecoderHook,
+    GroupNormHook,
+    PatchCall,
+    SelfAttentionHook,
+    TokenGatherHook,
+    TokenSliceHook,
+)
 from .split import row_partition
 
 if TYPE_CHECKING:
@@ -79,6 +87,24 @@ def _row_unit(denoiser: torch.nn.Module) -> int:
     if is_transformer(denoiser):
         return int(denoiser.config.patch_size)
     return 2 ** sum(1 for block in denoiser.down_blocks if getattr(block, "downsamplers", None))
+
+
+def _layer_hooks(root: torch.nn.Module, current: Any, as_modules: bool = False) -> list[tuple[Any, Any]]:
+    """Patch-aware hooks for every k×k convolution, GroupNorm and self-attention under ``root``."""
+    from diffusers.models.attention_processor import Attention
+
+    hooks: list[tuple[Any, Any]] = []
+    for path, module in root.named_modules():
+        target = module if as_modules else path
+        if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
+            if module.padding_mode != "zeros" or isinstance(module.padding, str) or module.dilation[0] != 1:
+                raise TypeError(f"PatchParallel: convolution {path!r} has padding/dilation it cannot split")
+            hooks.append((target, ConvHook(path, current)))
+        elif isinstance(module, torch.nn.GroupNorm):
+            hooks.append((target, GroupNormHook(path, current)))
+        elif isinstance(module, Attention) and not module.is_cross_attention:
+            hooks.append((target, SelfAttentionHook(path, current)))
+    return hooks
 
 
 @dataclass
@@ -133,9 +159,7 @@ class PatchParallel(Method):
     def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> dict:
         return {}
 
-    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
-        from diffusers.models.attention_processor import Attention
-
+    def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[Any, Any]]:
         if not (is_unet(denoiser) or (is_transformer(denoiser) and hasattr(denoiser, "pos_embed"))):
             raise TypeError(
                 f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL) and patch-embedding transformers (DiT, "
@@ -155,21 +179,39 @@ class PatchParallel(Method):
         def current() -> PatchCall | None:
             return state(self).get("patch")
 
-        hooks: list[tuple[str, Any]] = []
+        hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
         if is_transformer(denoiser):
             hooks.append(("pos_embed", TokenSliceHook("pos_embed", current)))
             last = f"transformer_blocks.{len(denoiser.transformer_blocks) - 1}"
             hooks.append((last, TokenGatherHook(last, current)))
-        for path, module in denoiser.named_modules():
-            if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1:
-                if module.padding_mode != "zeros" or isinstance(module.padding, str) or module.dilation[0] != 1:
-                    raise TypeError(f"PatchParallel: convolution {path!r} has padding/dilation it cannot split")
-                hooks.append((path, ConvHook(path, current)))
-            elif isinstance(module, torch.nn.GroupNorm):
-                hooks.append((path, GroupNormHook(path, current)))
-            elif isinstance(module, Attention) and not module.is_cross_attention:
-                hooks.append((path, SelfAttentionHook(path, current)))
+        hooks += _layer_hooks(denoiser, current)
         return hooks
+
+    def _decoder_hooks(self, runtime: Accelerator) -> list[tuple[Any, Any]]:
+        """The VAE decode split into row patches too: at 512 px and up it is a large share of a call."""
+        vae = getattr(runtime.pipe, "vae", None)
+        decoder = getattr(vae, "decoder", None)
+        if not isinstance(decoder, torch.nn.Module) or not hasattr(decoder, "up_blocks"):
+            return []
+        state, group = runtime.call_state, self.group
+
+        def current() -> PatchCall | None:
+            return state(self).get("vae") if runtime.clock.active else None
+
+        def start(sample: torch.Tensor | None) -> PatchCall | None:
+            if sample is None or not runtime.clock.active or sample.dim() != 4 or sample.shape[-2] < group.world_size:
+                state(self)["vae"] = None
+                return None
+            exchange = Exchange(group.rank, group.world_size,
+                                lambda kind, sent, received, s: runtime.record_comm(f"vae {kind}", sent, received, s),
+                                keep_latest=False, context=" (VAE decode)")
+            call = PatchCall(group.rank, group.world_size, row_partition(sample.shape[-2], group.world_size),
+                             sample.shape[-1], exchange, "sync", 1.0)
+            state(self)["vae"] = call
+            return call
+
+        return [(decoder, DecoderHook(start))] + [(module, hook) for module, hook in
+                                                  _layer_hooks(decoder, current, as_modules=True)]
 
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
         group = self.group
