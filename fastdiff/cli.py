@@ -123,21 +123,12 @@ def _request(args: argparse.Namespace):
     ).with_model_defaults(args.model)
 
 
-def _process_device(requested: str) -> str:
-    """Under a launcher (torchrun, accelerate launch) each process takes its own device."""
-    from .parallel.group import launched_world_size, process_device
-
-    if launched_world_size() > 1 and requested == "auto":
-        return str(process_device())
-    return requested
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .parallel.group import is_main_process
+    from .parallel.group import is_main_process, launched_device
     from .runner import generate, load, prepare_methods
 
     request = _request(args)
-    pipe = load(args.model, _process_device(args.device), args.dtype)
+    pipe = load(args.model, launched_device(args.device), args.dtype)
     args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
     if args.show_plan:
@@ -173,12 +164,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _parallel_bench(args: argparse.Namespace) -> int:
     from .evals.parallel_bench import parallel_benchmark
+    from .parallel import PatchParallel
 
     settings = {}
     for methods in [args.method, *args.variant]:
         specs = [m.spec() for m in methods]
-        if not any(s.startswith("patch") for s in specs):
-            specs.append("patch:mode=distrifusion")
+        if not any(isinstance(m, PatchParallel) for m in methods):
+            specs.append(PatchParallel().spec())
         settings["+".join(specs)] = specs
     result = parallel_benchmark(args.model, _request(args), settings, args.parallel, warmup=args.warmup,
                                 repeats=args.repeats, threads=args.threads, device=args.device, dtype=args.dtype)

@@ -32,6 +32,7 @@ import torch
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, first_input, main_tensor
+from ..core.timeline import noise_levels
 from .blocks import fingerprint
 from .exit_finetune import finetune
 from .exit_ladder import ExitLadder, exit_ladder, exiting
@@ -133,9 +134,9 @@ class EarlyExit(Method):
         return text
 
     # -- depth per bucket -----------------------------------------------------------------
-    def depths(self, denoiser: torch.nn.Module) -> list[int]:
+    def depths(self, denoiser: torch.nn.Module, ladder: ExitLadder | None = None) -> list[int]:
         """Kept units per timestep bucket (lowest noise first) on this denoiser."""
-        ladder = exit_ladder(denoiser)
+        ladder = ladder or exit_ladder(denoiser)
         schedule = self.schedule
         if schedule == "demo":
             return [ladder.at_least(k / DEMO_BLOCKS[0]) for k in DEMO_BLOCKS]
@@ -174,7 +175,8 @@ class EarlyExit(Method):
         return depths
 
     def _ladder_and_depths(self, denoiser: torch.nn.Module) -> tuple[ExitLadder, list[int]]:
-        return exit_ladder(denoiser), self.depths(denoiser)
+        ladder = exit_ladder(denoiser)
+        return ladder, self.depths(denoiser, ladder)
 
     # -- the Method contract ----------------------------------------------------------------
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
@@ -228,9 +230,8 @@ class EarlyExit(Method):
         probe.paths = watch.paths
         probe.rules = {path: _PieceRule(watch, path) for path in watch.paths}
         accelerator = _observe(pipe, probe, _prompt_calls(pipe, prompts, steps, seed, call_kwargs), count_flops=False)
-        levels = [s.timestep for s in accelerator.ledger.steps if s.call == accelerator.ledger.steps[0].call]
-        total = float(getattr(pipe.scheduler.config, "num_train_timesteps", 1000) or 1000)
-        levels = [min(max((t or 0.0) / total, 0.0), 1.0) for t in levels][:steps]
+        first_call = [s.timestep or 0.0 for s in accelerator.ledger.steps if s.call == accelerator.ledger.steps[0].call]
+        levels = list(noise_levels(first_call, pipe.scheduler) or ())[:steps]
         change = {kept: watch.profile(kept, len(levels)) for kept in ladder.skipped}
         per_step = [_exit_within(ladder, change, s, tolerance) for s in range(len(levels))]
         depths = _bucket_depths(per_step, levels, buckets, ladder.depth)

@@ -68,7 +68,7 @@ def finetune(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"finetune: {name} must be an integer >= 1, got {value!r}")
     ladder = exit_ladder(unet)
-    depths = method.depths(unet)
+    depths = method.depths(unet, ladder)
     scheduler = pipe.scheduler
     total = int(scheduler.config.num_train_timesteps)
     device = unet.device
@@ -90,7 +90,8 @@ def finetune(
     try:
         for step in range(steps):
             bucket = int(torch.randint(0, len(depths), (1,), generator=generator))
-            low, high = bucket * total // len(depths), max((bucket + 1) * total // len(depths), bucket * total // len(depths) + 1)
+            low = bucket * total // len(depths)
+            high = max((bucket + 1) * total // len(depths), low + 1)
             rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
             ids = labels[rows].clone()
             ids[torch.rand(batch_size, generator=generator) < prompt_dropout] = empty

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 
-def _levels(timesteps: Any, scheduler: Any) -> tuple[float, ...] | None:
+def noise_levels(timesteps: Any, scheduler: Any) -> tuple[float, ...] | None:
+    """Timesteps as fractions of the scheduler's training timesteps, clipped to [0, 1]."""
     if timesteps is None:
         return None
     if isinstance(timesteps, torch.Tensor):
@@ -34,7 +35,7 @@ def linear_levels(num_steps: int) -> tuple[float, ...]:
 def announced_levels(scheduler: Any, num_steps: int) -> tuple[float, ...] | None:
     """The noise levels of the call in progress (after ``set_timesteps``), when they fit ``num_steps``:
     the last ``num_steps`` of the scheduler's list (img2img runs only its tail)."""
-    levels = _levels(getattr(scheduler, "timesteps", None), scheduler)
+    levels = noise_levels(getattr(scheduler, "timesteps", None), scheduler)
     if levels is None or len(levels) < num_steps:
         return None
     levels = levels[len(levels) - num_steps:]
@@ -47,7 +48,7 @@ def planned_levels(scheduler: Any, num_steps: int) -> tuple[float, ...]:
         try:
             probe = copy.deepcopy(scheduler)
             probe.set_timesteps(num_steps)
-            levels = _levels(probe.timesteps, probe)
+            levels = noise_levels(probe.timesteps, probe)
         except Exception:  # e.g. flow-matching schedulers that need the image size (mu) first
             levels = None
         if levels is not None and len(levels) == num_steps:

@@ -20,6 +20,7 @@ import torch
 
 from ..core.accelerator import apply
 from ..core.method import parse_method
+from ..parallel.group import launched_device
 from ..parallel.patch_parallel import PatchParallel
 from ..runner import GenerationRequest, call_kwargs, load
 from .bench import psnr
@@ -54,7 +55,7 @@ class ParallelBenchResult:
                  f"{'setting':40} {'procs':>5} {'median s':>9} {'speedup':>8} {'MiB/step sent':>14} "
                  f"{'comm s':>7} {'max|diff|':>10} {'PSNR':>8}"]
         for r in self.runs:
-            sent = sum(v for k, v in r.bytes_sent_per_step.items()) / 2**20
+            sent = sum(r.bytes_sent_per_step.values()) / 2**20
             lines.append(f"{r.label:40} {r.processes:>5} {r.median_s:>9.2f} {r.speedup:>7.2f}x {sent:>14.3f} "
                          f"{r.comm_seconds:>7.2f} {r.max_abs_diff:>10.2e} {r.psnr_db:>7.2f}")
         for r in self.runs:
@@ -68,11 +69,7 @@ def _timed_calls(model: str, request: GenerationRequest, specs: list[str], warmu
                  device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, Any]:
     if threads is not None:
         torch.set_num_threads(threads)
-    from ..parallel.group import launched_world_size, process_device
-
-    if launched_world_size() > 1 and device == "auto":
-        device = str(process_device())
-    pipe = load(model, device, dtype)
+    pipe = load(model, launched_device(device), dtype)
     pipe.set_progress_bar_config(disable=True)
     accelerator = apply(pipe, *(parse_method(s) for s in specs))
     times, image = [], None

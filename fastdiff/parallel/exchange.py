@@ -56,10 +56,11 @@ class Exchange:
             ) from exc
 
     # -- all processes ----------------------------------------------------------------------
-    def gather(self, key: Any, kind: str, payload: torch.Tensor) -> list[torch.Tensor]:
-        """Every process's ``payload`` (the same shape on all), by rank."""
+    def gather(self, key: Any, kind: str, payload: torch.Tensor, fresh: bool = False) -> list[torch.Tensor]:
+        """Every process's ``payload`` (the same shape on all), by rank; ``fresh``: synchronously
+        even on a stale step (outputs that the next layer needs now)."""
         payload = payload.contiguous()
-        if self.stale:
+        if self.stale and not fresh:
             self._settle()
             previous = self.latest.get(key)
             if previous is not None and previous[self.rank].shape == payload.shape:
@@ -75,6 +76,19 @@ class Exchange:
         if self.keep_latest:
             self.latest[key] = parts
         return parts
+
+    def gather_concat(self, key: Any, kind: str, tensor: torch.Tensor, lengths: list[int], dim: int,
+                      fresh: bool = False) -> torch.Tensor:
+        """Every process's ``tensor`` joined along ``dim``, where process *r* holds ``lengths[r]`` of
+        it: padded to the longest for the exchange (gloo needs equal sizes), trimmed after."""
+        dim = dim % tensor.dim()
+        own, most = tensor.shape[dim], max(lengths)
+        if most > own:
+            shape = list(tensor.shape)
+            shape[dim] = most - own
+            tensor = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+        parts = self.gather(key, kind, tensor, fresh=fresh)
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths)], dim=dim)
 
     def flush(self) -> None:
         """Send this stale step's payloads: one flat buffer per dtype, all-gathered asynchronously."""

@@ -42,6 +42,13 @@ def process_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def launched_device(requested: str = "auto") -> str:
+    """The ``--device`` to load on: under a launcher, ``auto`` means this process's own device."""
+    if launched_world_size() > 1 and requested == "auto":
+        return str(process_device())
+    return requested
+
+
 def process_group(timeout_s: float = DEFAULT_TIMEOUT_S, requested: str = "auto") -> ProcessGroup:
     """Join (or create) the default process group; a single unlaunched process is a group of one."""
     if dist.is_available() and dist.is_initialized():

@@ -135,10 +135,8 @@ class SelfAttentionHook(_PatchHook):
         if call.mode == "pcpp":
             context = _partial_context(call, tokens, rows, width)
         else:
-            most = max(rows) * width
-            padded = F.pad(tokens, (0, 0, 0, most - count)) if most > count else tokens
-            parts = call.exchange.gather(call.key(self.path), "attention", padded.contiguous())
-            context = torch.cat([p[:, : r * width] for p, r in zip(parts, rows)], dim=1)
+            context = call.exchange.gather_concat(call.key(self.path), "attention", tokens,
+                                                  [r * width for r in rows], dim=1)
         return forward(hidden_states, **{**kwargs, "encoder_hidden_states": context})
 
 
@@ -158,15 +156,8 @@ class TokenGatherHook(_PatchHook):
 
     def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         own = self.fn_ref.original_forward(*args, **kwargs)
-        ranges = [call.token_range(r) for r in range(call.world_size)]
-        most = max(b - a for a, b in ranges)
-        padded = F.pad(own, (0, 0, 0, most - own.shape[1])) if most > own.shape[1] else own
-        stale, call.exchange.stale = call.exchange.stale, False  # the output is always exchanged fresh
-        try:
-            parts = call.exchange.gather(None, "output", padded)
-        finally:
-            call.exchange.stale = stale
-        return torch.cat([p[:, : b - a] for p, (a, b) in zip(parts, ranges)], dim=1)
+        lengths = [b - a for a, b in (call.token_range(r) for r in range(call.world_size))]
+        return call.exchange.gather_concat(None, "output", own, lengths, dim=1, fresh=True)
 
 
 class DecoderHook(ModelHook):
@@ -188,10 +179,8 @@ class DecoderHook(ModelHook):
         finally:
             self.start(None)
         scale = image.shape[-2] // (stop - start)
-        most = max(b - a for a, b in call.partition) * scale
-        padded = F.pad(image, (0, 0, 0, most - image.shape[-2])) if most > image.shape[-2] else image
-        parts = call.exchange.gather(None, "output", padded.contiguous())
-        return torch.cat([p[..., : (b - a) * scale, :] for p, (a, b) in zip(parts, call.partition)], dim=-2)
+        lengths = [(b - a) * scale for a, b in call.partition]
+        return call.exchange.gather_concat(None, "output", image, lengths, dim=-2, fresh=True)
 
 
 def _partial_context(call: PatchCall, hidden: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..caching.blocks import is_transformer, is_unet
 from ..core.method import Method
@@ -177,7 +176,8 @@ class PatchParallel(Method):
         state = runtime.call_state
 
         def current() -> PatchCall | None:
-            return state(self).get("patch")
+            # a FLOP-counting shadow pass (Ledger) measures local work only and exchanges nothing
+            return None if runtime.measuring is not None else state(self).get("patch")
 
         hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
         if is_transformer(denoiser):
@@ -280,7 +280,7 @@ class PatchParallel(Method):
         patch = main_tensor(output)
         if transformer or patch is None:  # a transformer gathered its tokens before the final layer
             return output, patch
-        return output, self._gather_rows(exchange, patch, partition)
+        return output, exchange.gather_concat(None, "output", patch, [b - a for a, b in partition], dim=-2, fresh=True)
 
     def _guidance_split(self, runtime: Accelerator, batch: int) -> _Halves | None:
         if not self.split_guidance:
@@ -296,18 +296,6 @@ class PatchParallel(Method):
         return None
 
     # -- helpers ------------------------------------------------------------------------------
-    def _gather_rows(self, exchange: Exchange, patch: torch.Tensor, partition: list[tuple[int, int]]) -> torch.Tensor:
-        """The full tensor on every process from each one's rows (padded to equal size for gloo)."""
-        most = max(b - a for a, b in partition)
-        own = patch.shape[-2]
-        padded = F.pad(patch, (0, 0, 0, most - own)) if most > own else patch
-        stale, exchange.stale = exchange.stale, False
-        try:
-            parts = exchange.gather(None, "output", padded)
-        finally:
-            exchange.stale = stale
-        return torch.cat([p[..., : b - a, :] for p, (a, b) in zip(parts, partition)], dim=-2)
-
     def _check_agreement(self, runtime: Accelerator, exchange: Exchange, sample: torch.Tensor, args: tuple,
                          kwargs: dict) -> None:
         """Every process must be making the same call: same method, steps, shapes and inputs."""
