@@ -249,6 +249,18 @@ def test_bad_input():
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"neighbor_fraction must be in \(0, 1\]"):
             PatchParallel(mode="pcpp", neighbor_fraction=fraction)
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        PatchParallel(timeout=0)
+    from fastdiff.evals.parallel_bench import parallel_benchmark
+    from fastdiff.runner import GenerationRequest
+
+    request = GenerationRequest(prompt="x", steps=2)
+    with pytest.raises(ValueError, match="needs at least 2 processes"):
+        parallel_benchmark("tiny-sd", request, {"a": ["patch"]}, 1)
+    with pytest.raises(ValueError, match="--threads: must be >= 1"):
+        parallel_benchmark("tiny-sd", request, {"a": ["patch"]}, 2, threads=0)
+    with pytest.raises(ValueError, match="must include exactly one patch"):
+        parallel_benchmark("tiny-sd", request, {"a": ["deepcache"]}, 2)
     with pytest.raises(ValueError, match="more processes"):
         row_partition(8, 8, unit=2)
     assert row_partition(24, 3, unit=4) == [(0, 8), (8, 16), (16, 24)]

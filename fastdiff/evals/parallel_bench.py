@@ -98,6 +98,8 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
 
     if processes < 2:
         raise ValueError(f"--parallel: needs at least 2 processes to compare with one, got {processes}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {threads}")
     for label, specs in settings.items():
         if sum(isinstance(parse_method(s), PatchParallel) for s in specs) != 1:
             raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")
