@@ -33,18 +33,31 @@ def quiet(name):
 
 def _modes_worker(rank, models, modes, size, split=False):
     """Each (model, mode): the image and this process's bytes sent per kind."""
+    import torch.distributed as dist
+
+    all_gather, sent_async = dist.all_gather, []
+
+    def counting(*args, **kwargs):
+        sent_async.append(bool(kwargs.get("async_op")))
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counting
     results = {}
     for name in models:
         pipe = quiet(name)
         for mode in modes:
-            for attempt in range(2 if mode == "distrifusion" else 1):
-                acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2, split_guidance=split))
+            # DistriFusion twice: one stale buffer per step, then one per payload (tiny buckets)
+            for attempt, bucket_mb in enumerate([0, 1e-6] if mode == "distrifusion" else [0]):
+                acc = fastdiff.apply(pipe, PatchParallel(mode=mode, warmup_steps=2, split_guidance=split,
+                                                         bucket_mb=bucket_mb))
+                sent_async.clear()
                 image = call(pipe, size=size)
                 report = acc.report()
                 acc.remove()
                 results[(name, mode, attempt)] = (  # the VAE decode's exchanges are counted apart
                     image, {k: v.bytes_sent for k, v in report.comm_by_kind.items() if not k.startswith("vae")},
-                    len(report.steps))
+                    len(report.steps), sum(sent_async))
+    dist.all_gather = all_gather
     return results
 
 
@@ -124,8 +137,11 @@ def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_referenc
         for rank_results in results:
             image = rank_results[(name, "sync", 0)][0]
             assert np.abs(image - single).max() <= 1e-5, name  # gathered to every process
-        stale, again = results[0][(name, "distrifusion", 0)][0], results[0][(name, "distrifusion", 1)][0]
-        assert np.array_equal(stale, again)  # deterministic
+        (stale, _, steps, buffers), (again, _, _, bucketed) = (results[0][(name, "distrifusion", a)] for a in (0, 1))
+        # the bucket size changes when stale data travels, never which data a layer uses
+        assert np.array_equal(stale, again)
+        assert buffers == (steps - 1 - 2) * 2  # per stale step but the last (warm-up 2): float32 + float64 (GroupNorm)
+        assert bucketed > 10 * buffers
         assert 0 < np.abs(stale - single).max() < 0.1  # stale activations: close, not equal
         pcpp = results[0][(name, "pcpp", 0)][0]
         assert 0 < np.abs(pcpp - single).max() < 0.1
@@ -151,7 +167,7 @@ def test_split_guidance_equals_single_process(world, sd_reference):
     single = sd_reference if size == SIZE else call(quiet("tiny-sd"), size=size)
     results = _outcomes(world, _modes_worker, ["tiny-sd"], ["sync"], size, True)
     for rank_results in results:
-        image, sent, _ = rank_results[("tiny-sd", "sync", 0)]
+        image, sent, _, _ = rank_results[("tiny-sd", "sync", 0)]
         assert np.abs(image - single).max() <= 1e-5
         assert sent["guidance"] > 0 and (sent.get("attention", 0) > 0) == (world == 4)
 
@@ -181,16 +197,23 @@ def _deepcache_worker(rank):
     acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2), PatchParallel(mode="sync", split_guidance=False))
     image = call(pipe)
     report = acc.report()
-    return image, [s.bytes_sent for s in report.steps]
+    acc.remove()
+    acc = fastdiff.apply(pipe, fastdiff.EarlyExit(schedule=[1.0, 0.5]), PatchParallel(mode="sync", split_guidance=False))
+    exited = call(pipe)
+    return image, [s.bytes_sent for s in report.steps], exited
 
 
-def test_composes_with_deepcache():
+def test_composes_with_deepcache_and_early_exit():
     pipe = quiet("tiny-sd")
     acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2))
     single = call(pipe)
     acc.remove()
-    (image, per_step), _ = _outcomes(2, _deepcache_worker)
+    acc = fastdiff.apply(pipe, fastdiff.EarlyExit(schedule=[1.0, 0.5]))
+    single_exited = call(pipe)
+    acc.remove()
+    (image, per_step, exited), _ = _outcomes(2, _deepcache_worker)
     assert np.abs(image - single).max() <= 1e-5
+    assert np.abs(exited - single_exited).max() <= 1e-5
     full, cached = per_step[0::2], per_step[1::2]
     assert all(c < f for f, c in zip(full, cached))  # cached blocks skip their exchanges
 
@@ -251,6 +274,8 @@ def test_bad_input():
             PatchParallel(mode="pcpp", neighbor_fraction=fraction)
     with pytest.raises(ValueError, match="timeout must be > 0"):
         PatchParallel(timeout=0)
+    with pytest.raises(ValueError, match=r"bucket_mb must be a number >= 0 \(0: one buffer per step\)"):
+        PatchParallel(bucket_mb=-1)
     from fastdiff.evals.parallel_bench import parallel_benchmark
     from fastdiff.runner import GenerationRequest
 
@@ -301,6 +326,37 @@ def test_transformers_split_into_token_rows():
         for mode in ("distrifusion", "pcpp"):
             image, sent = results[0][(name, mode)]
             assert 0 < np.abs(image - single).max() < 0.1 and sent["attention"] > 0, (name, mode)
+
+
+def _transformer_methods():
+    # DeepCache reuses the middle blocks; EarlyExit skips the last ones (the tokens are still
+    # gathered before the output norm)
+    return {"deepcache": lambda: fastdiff.DeepCache(interval=2, branch=0),
+            "earlyexit": lambda: fastdiff.EarlyExit(schedule=[1.0, 0.5])}
+
+
+def _transformer_composition_worker(rank):
+    results = {}
+    for name in ("tiny-dit", "tiny-pixart"):
+        pipe = quiet(name)
+        for label, method in _transformer_methods().items():
+            acc = fastdiff.apply(pipe, method(), PatchParallel(mode="sync", split_guidance=False))
+            results[(name, label)] = _transformer_call(pipe)
+            acc.remove()
+    return results
+
+
+def test_transformers_compose_with_caching_and_early_exit():
+    results = _outcomes(2, _transformer_composition_worker)
+    for name in ("tiny-dit", "tiny-pixart"):
+        pipe = quiet(name)
+        for label, method in _transformer_methods().items():
+            acc = fastdiff.apply(pipe, method())
+            single = _transformer_call(pipe)
+            acc.remove()
+            assert not np.array_equal(single, _transformer_call(pipe)), (name, label)  # the method changed something
+            for rank_results in results:
+                assert np.abs(rank_results[(name, label)] - single).max() <= 1e-5, (name, label)
 
 
 def test_bench_parallel_compares_with_one_process(tmp_path, capsys):

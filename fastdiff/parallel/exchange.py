@@ -3,8 +3,9 @@
 Two patterns. ``gather``: every process contributes one payload of the same shape and gets
 everyone's — synchronously, or on a stale step from the latest exchange (the others' previous
 step, its own fresh), with this step's payloads packed into one flat buffer per dtype and
-all-gathered asynchronously at the end of the denoiser call, to be waited on only when the next
-step first needs it (DistriFusion). ``neighbours``: point-to-point with the processes above and
+all-gathered asynchronously whenever ``bucket_bytes`` of them are queued (and at the end of the
+denoiser call), each bucket waited on only when the next step first reads one of its payloads
+(DistriFusion). Early layers' buckets so travel while later layers compute. ``neighbours``: point-to-point with the processes above and
 below only (PCPP). Every transfer is reported with its bytes, kind and the time spent waiting.
 """
 
@@ -30,9 +31,10 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 class Exchange:
     def __init__(self, rank: int, world_size: int, record: Record, *, keep_latest: bool, context: str = "",
-                 group: Any = None, peers: list[int] | None = None) -> None:
+                 group: Any = None, peers: list[int] | None = None, bucket_bytes: int | None = None) -> None:
         """``rank``/``world_size`` within ``group`` (default: the whole world); ``peers``: the global
-        rank of each member, for point-to-point messages."""
+        rank of each member, for point-to-point messages; ``bucket_bytes``: stale payloads are sent
+        once this many bytes are queued (``None``: one buffer per step, at its end)."""
         self.rank = rank
         self.world_size = world_size
         self.group = group
@@ -40,10 +42,14 @@ class Exchange:
         self.record = record
         self.keep_latest = keep_latest
         self.context = context
+        self.bucket_bytes = bucket_bytes
         self.stale = False
+        self.send_stale = True  # False on the last step: nobody will read its payloads
         self.latest: dict[Any, list[torch.Tensor]] = {}
         self.outbound: list[tuple[Any, str, torch.Tensor]] = []
+        self.queued_bytes = 0
         self.pending: list[tuple[Any, list[torch.Tensor], list[tuple[Any, torch.Size, int]]]] = []
+        self.in_flight: set[Any] = set()
 
     def _run(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -61,10 +67,10 @@ class Exchange:
         even on a stale step (outputs that the next layer needs now)."""
         payload = payload.contiguous()
         if self.stale and not fresh:
-            self._settle()
+            self._settle(key)
             previous = self.latest.get(key)
             if previous is not None and previous[self.rank].shape == payload.shape:
-                self.outbound.append((key, kind, payload))
+                self._queue(key, kind, payload)
                 parts = list(previous)
                 parts[self.rank] = payload
                 return parts
@@ -90,41 +96,54 @@ class Exchange:
         parts = self.gather(key, kind, tensor, fresh=fresh)
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths)], dim=dim)
 
+    def _queue(self, key: Any, kind: str, payload: torch.Tensor) -> None:
+        if not self.send_stale:
+            return
+        self.outbound.append((key, kind, payload))
+        self.queued_bytes += _nbytes(payload)
+        if self.bucket_bytes is not None and self.queued_bytes >= self.bucket_bytes:
+            self.flush()
+
     def flush(self) -> None:
-        """Send this stale step's payloads: one flat buffer per dtype, all-gathered asynchronously."""
+        """Send the queued stale payloads: one flat buffer per dtype, all-gathered asynchronously."""
         if not self.outbound:
             return
         groups: dict[torch.dtype, list[tuple[Any, str, torch.Tensor]]] = {}
         for item in self.outbound:
             groups.setdefault(item[2].dtype, []).append(item)
-        self.outbound = []
+        self.outbound, self.queued_bytes = [], 0
         for items in groups.values():
             flat = torch.cat([t.reshape(-1) for _, _, t in items])
             parts = [torch.empty_like(flat) for _ in range(self.world_size)]
             work = self._run("a stale exchange", lambda: dist.all_gather(parts, flat, group=self.group, async_op=True))
             self.pending.append((work, parts, [(key, t.shape, t.numel()) for key, _, t in items]))
+            self.in_flight.update(key for key, _, _ in items)
             for _, kind, t in items:
                 size = _nbytes(t) * (self.world_size - 1)
                 self.record(kind, size, size, 0.0)
 
-    def _settle(self) -> None:
-        """Wait for the last stale step's buffers and unpack them into ``latest``."""
-        if not self.pending:
+    def _settle(self, key: Any = None) -> None:
+        """Wait for the buffers in flight, oldest first, up to the one carrying ``key`` (``None``:
+        all of them), and unpack them into ``latest``."""
+        if not self.pending or (key is not None and key not in self.in_flight):
             return
         start = time.perf_counter()
-        for work, parts, layout in self.pending:
+        while self.pending:
+            work, parts, layout = self.pending.pop(0)
             self._run("the wait for the previous step's exchange", work.wait)
             offset = 0
-            for key, shape, count in layout:
-                self.latest[key] = [p[offset:offset + count].view(shape) for p in parts]
+            for unpacked, shape, count in layout:
+                self.latest[unpacked] = [p[offset:offset + count].view(shape) for p in parts]
+                self.in_flight.discard(unpacked)
                 offset += count
-        self.pending = []
+            if key is not None and key not in self.in_flight:
+                break
         self.record("wait", 0, 0, time.perf_counter() - start)
 
     def finish(self) -> None:
-        """Drain anything still in flight (the end of a call)."""
+        """Drain anything still in flight and drop what was queued (the end of a call)."""
         self._settle()
-        self.outbound = []
+        self.outbound, self.queued_bytes = [], 0
 
     def swap(self, kind: str, tensor: torch.Tensor, partner: int) -> torch.Tensor:
         """Send ``tensor`` to the process with global rank ``partner`` and receive its own."""

@@ -3,8 +3,8 @@ patches, as diffusers hooks on the existing modules (the user's attention proces
 
 * A ``k×k`` convolution gets the ``(k-1)/2`` rows above and below its patch from the neighbours
   (zeros at the image border, exactly its own zero padding) and runs without vertical padding.
-* A GroupNorm sums each process's per-group sums and sums of squares (float64) and normalises
-  with the biased variance, as ``nn.GroupNorm`` does.
+* A GroupNorm combines each process's per-group count, mean and biased variance (float64) into
+  the whole image's, and normalises with them, as ``nn.GroupNorm`` does.
 * A self-attention keeps its queries local and takes keys/values from a context: every patch's
   input tokens (DistriFusion, sync) or its own plus the nearest ``neighbor_fraction`` of each
   neighbour's rows (PCPP). The context goes in as ``encoder_hidden_states``, which the processor
@@ -103,20 +103,29 @@ class ConvHook(_PatchHook):
 class GroupNormHook(_PatchHook):
     def patched(self, call: PatchCall, module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         batch, groups = x.shape[0], module.num_groups
-        values = x.reshape(batch, groups, -1)
-        # sums accumulated in float64 (no float64 copy of the activations), normalised in x's dtype
-        count = torch.full((batch, groups), float(values.shape[-1]), dtype=torch.float64, device=x.device)
-        stats = torch.stack([values.sum(-1, dtype=torch.float64), (values * values).sum(-1, dtype=torch.float64),
-                             count], dim=-1)
-        total = torch.stack(call.exchange.gather(call.key(self.path), "groupnorm", stats)).sum(0)
-        mean = total[..., 0] / total[..., 2]
-        variance = (total[..., 1] / total[..., 2] - mean * mean).clamp_min(0.0)
-        scale = torch.rsqrt(variance + module.eps).to(x.dtype).unsqueeze(-1)
-        normed = ((values - mean.to(x.dtype).unsqueeze(-1)) * scale).reshape(x.shape)
+        # this patch's per-group mean and biased variance from ATen's own (vectorised, accurate)
+        # GroupNorm kernel, whose normalised output is not used; the patches' statistics are combined
+        # in float64 as (count, mean, variance), which needs no E[x²] - mean² cancellation
+        _, mean, rstd = torch.ops.aten.native_group_norm(x.contiguous(), None, None, batch, x.shape[1], x[0, 0].numel(), groups,
+                                                         module.eps)
+        mean, variance = mean.double().reshape(batch, groups), rstd.double().reshape(batch, groups) ** -2 - module.eps
+        count = torch.full_like(mean, float(x[0].numel() // groups))
+        stats = torch.stack([count, mean, variance], dim=-1)
+        parts = torch.stack(call.exchange.gather(call.key(self.path), "groupnorm", stats))
+        counts, means, variances = parts.unbind(-1)
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        variance = (counts * (variances + (means - mean) ** 2)).sum(0) / total
+        rstd = torch.rsqrt(variance + module.eps)
+        # normalise and apply the affine map in one pass: x * scale + shift, per sample and channel
+        per_group = x.shape[1] // groups
+        scale = rstd.repeat_interleave(per_group, dim=1)
+        shift = -mean.repeat_interleave(per_group, dim=1) * scale
         if module.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            normed = normed * module.weight.reshape(shape) + module.bias.reshape(shape)
-        return normed
+            scale = scale * module.weight.double()
+            shift = shift * module.weight.double() + module.bias.double()
+        shape = (batch, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
 
 
 class SelfAttentionHook(_PatchHook):
@@ -151,13 +160,14 @@ class TokenSliceHook(_PatchHook):
 
 
 class TokenGatherHook(_PatchHook):
-    """On a transformer's last block: every process's tokens, so the final layer and the
-    unpatchify see the whole image."""
+    """On a transformer's output norm (the first layer after the blocks, however many of them
+    ran): every process's tokens, so the final layer and the unpatchify see the whole image."""
 
-    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        own = self.fn_ref.original_forward(*args, **kwargs)
+    def patched(self, call: PatchCall, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor:
         lengths = [b - a for a, b in (call.token_range(r) for r in range(call.world_size))]
-        return call.exchange.gather_concat(None, "output", own, lengths, dim=1, fresh=True)
+        tokens = call.exchange.gather_concat(None, "output", hidden_states, lengths, dim=1, fresh=True)
+        return self.fn_ref.original_forward(tokens, *args, **kwargs)
 
 
 class DecoderHook(ModelHook):

@@ -11,8 +11,8 @@ Modes:
 * ``"sync"`` — every layer exchanges fresh data at every step: the single-process result, up to
   float reduction order.
 * ``"distrifusion"`` — the first ``warmup_steps`` steps are exchanged synchronously; after that
-  each layer works with the other patches' activations from the previous step, sent in one flat
-  buffer per step asynchronously while the next step starts.
+  each layer works with the other patches' activations from the previous step, sent
+  asynchronously in a few flat buffers per step (``bucket_mb``) while the step goes on.
 * ``"pcpp"`` — synchronous, but only with the two neighbouring processes: convolutions get their
   halo rows, self-attention sees its own patch plus the nearest ``neighbor_fraction`` of each
   neighbour's rows. Far fewer bytes than an all-gather.
@@ -121,6 +121,9 @@ class PatchParallel(Method):
             splitting its image into patches; the halves swap results at every step. Otherwise
             (no guidance, one or an odd number of processes) every process takes both halves.
         timeout: seconds a process waits for the others before failing (a crashed peer).
+        bucket_mb: DistriFusion sends its stale activations in flat buffers of about this many MiB,
+            each as soon as it fills, so early layers' data travels while later layers compute;
+            ``0`` sends one buffer per step, at its end.
     """
 
     spec_name = "patch"
@@ -132,6 +135,7 @@ class PatchParallel(Method):
     neighbor_fraction: float = 0.5
     split_guidance: bool = True
     timeout: float = DEFAULT_TIMEOUT_S
+    bucket_mb: float = 16.0
     _group: ProcessGroup | None = field(default=None, init=False, repr=False, compare=False)
     _halves: _Halves | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -142,6 +146,8 @@ class PatchParallel(Method):
             raise ValueError(f"PatchParallel: warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if not 0.0 < self.neighbor_fraction <= 1.0:
             raise ValueError(f"PatchParallel: neighbor_fraction must be in (0, 1], got {self.neighbor_fraction!r}")
+        if isinstance(self.bucket_mb, bool) or not isinstance(self.bucket_mb, (int, float)) or not self.bucket_mb >= 0:
+            raise ValueError(f"PatchParallel: bucket_mb must be a number >= 0 (0: one buffer per step), got {self.bucket_mb!r}")
         if not self.timeout > 0:
             raise ValueError(f"PatchParallel: timeout must be > 0 seconds, got {self.timeout!r}")
 
@@ -159,7 +165,8 @@ class PatchParallel(Method):
         return {}
 
     def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[Any, Any]]:
-        if not (is_unet(denoiser) or (is_transformer(denoiser) and hasattr(denoiser, "pos_embed"))):
+        if not (is_unet(denoiser) or (is_transformer(denoiser) and hasattr(denoiser, "pos_embed")
+                                      and isinstance(getattr(denoiser, "norm_out", None), torch.nn.LayerNorm))):
             raise TypeError(
                 f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL) and patch-embedding transformers (DiT, "
                 f"PixArt); {type(denoiser).__name__} is neither"
@@ -182,8 +189,7 @@ class PatchParallel(Method):
         hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
         if is_transformer(denoiser):
             hooks.append(("pos_embed", TokenSliceHook("pos_embed", current)))
-            last = f"transformer_blocks.{len(denoiser.transformer_blocks) - 1}"
-            hooks.append((last, TokenGatherHook(last, current)))
+            hooks.append(("norm_out", TokenGatherHook("norm_out", current)))
         hooks += _layer_hooks(denoiser, current)
         return hooks
 
@@ -228,7 +234,8 @@ class PatchParallel(Method):
             rank, size = (halves.rank, halves.size) if halves else (group.rank, group.world_size)
             exchange = state["exchange"] = Exchange(
                 rank, size, runtime.record_comm, keep_latest=self.mode == "distrifusion",
-                group=halves.group if halves else None, peers=halves.peers if halves else None)
+                group=halves.group if halves else None, peers=halves.peers if halves else None,
+                bucket_bytes=int(self.bucket_mb * 2**20) if self.bucket_mb > 0 else None)
             self._check_agreement(runtime, exchange, sample, args, kwargs)
             if self.mode == "distrifusion" and self.warmup_steps >= steps:
                 warnings.warn(f"PatchParallel: warmup_steps={self.warmup_steps} covers all {steps} steps, so every "
@@ -261,6 +268,7 @@ class PatchParallel(Method):
         partition = row_partition(sample.shape[-2], exchange.world_size, unit)
         exchange.context = f" (step {step})"
         exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
+        exchange.send_stale = step + 1 < steps
         start, stop = partition[exchange.rank]
         if transformer:  # the patch embedding sees the whole latent and keeps this process's tokens
             patch_args, patch_kwargs = args, kwargs
@@ -273,12 +281,12 @@ class PatchParallel(Method):
             output = forward(*patch_args, **patch_kwargs)
         finally:
             state["patch"] = None
-        if exchange.stale and step + 1 < steps:
+        if exchange.stale and exchange.send_stale:
             exchange.flush()
         else:
-            exchange.outbound = []
+            exchange.finish()
         patch = main_tensor(output)
-        if transformer or patch is None:  # a transformer gathered its tokens before the final layer
+        if transformer or patch is None:  # a transformer gathered its tokens before its output norm
             return output, patch
         return output, exchange.gather_concat(None, "output", patch, [b - a for a, b in partition], dim=-2, fresh=True)
 
