@@ -16,6 +16,9 @@ from diffusers import DiffusionPipeline
 
 from ..core.accelerator import Accelerator, apply
 from ..core.method import Method
+from .masked_diffusion_lm import MaskedDiffusionLMPipeline, MaskedDiffusionLMPipelineOutput
+
+__all__ = ["AcceleratedPipelineMixin", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput", "drop_in"]
 
 
 def _as_methods(acceleration: Method | Sequence[Method] | None) -> list[Method]:

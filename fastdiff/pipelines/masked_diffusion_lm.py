@@ -1,0 +1,303 @@
+"""Text generation with masked diffusion language models, in the shape of a diffusers pipeline.
+
+The canvas is the prompt (left-padded in a batch) followed by ``gen_length`` mask tokens. It is
+decoded block by block, left to right (one block = plain diffusion decoding; several =
+semi-autoregressive, as LLaDA and BD3-LM). Within a block the scheduler commits tokens step by
+step. When a step changed no token and the model has no time input, the next call would see
+exactly the same input, so its logits are reused instead (counted: ``nfe`` is the number of
+model calls made).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from ..schedulers.masked_diffusion import MaskedDiffusionScheduler, sampler_name
+from ..schedulers.noise_schedules import sigma
+from .model_interface import interface_for
+from .text_cache import KV_CACHES, BlockCache
+
+
+@dataclass
+class MaskedDiffusionLMPipelineOutput(BaseOutput):
+    """``texts``: the generated text per prompt (cut at the first end-of-sequence token);
+    ``sequences``: the generated token ids (batch × gen_length); ``nfe``: model calls made
+    (a classifier-free-guidance pair is one batched call); ``steps``: sampler steps taken."""
+
+    texts: list[str]
+    sequences: torch.LongTensor
+    nfe: int
+    steps: int
+
+
+class MaskedDiffusionLMPipeline(DiffusionPipeline):
+    """``model``: a bidirectional LM returning logits per position (any ``AutoModelForMaskedLM``, or
+    a remote-code diffusion LM); ``shift_logits`` / ``time_input`` / ``mask_token_id``: see
+    :mod:`.model_interface` (``None``: from the model's ``model_type`` and the tokenizer)."""
+
+    model_cpu_offload_seq = "model"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, scheduler: MaskedDiffusionScheduler,
+                 mask_token_id: int | None = None, shift_logits: bool | None = None,
+                 time_input: str | None = None) -> None:
+        super().__init__()
+        interface = interface_for(model, tokenizer, mask_token_id=mask_token_id, shift_logits=shift_logits,
+                                  time_input=time_input if time_input is not None else False)
+        if scheduler.config.mask_token_id != interface.mask_token_id:
+            scheduler.register_to_config(mask_token_id=interface.mask_token_id)
+        self.register_modules(model=model, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(mask_token_id=interface.mask_token_id, shift_logits=interface.shift_logits,
+                                time_input=interface.time_input)
+        self.interface = interface
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Any, *args: Any, sampler: str | None = None,
+                        trust_remote_code: bool = False, **kwargs: Any) -> MaskedDiffusionLMPipeline:
+        """A built-in name (``pydoc-mdlm``), a saved pipeline folder (``model_index.json``), or a
+        transformers model folder or hub id (masked LM or remote-code diffusion LM, with its
+        tokenizer). ``sampler``: the scheduler's sampler (with options, ``"threshold:threshold=0.8"``)
+        when the folder has no scheduler of its own."""
+        import os
+
+        from ..models.pydoc_text import PYDOC_MDLM_NAME, load_pydoc_mdlm
+
+        name = os.fspath(pretrained_model_name_or_path)
+        if name == PYDOC_MDLM_NAME:
+            model, tokenizer = load_pydoc_mdlm(dtype=kwargs.pop("torch_dtype", None) or torch.float32)
+            return cls(model, tokenizer, _scheduler(sampler), **kwargs)
+        if os.path.isfile(os.path.join(name, "model_index.json")):
+            return super().from_pretrained(name, *args, **kwargs)
+        from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+        dtype = kwargs.pop("torch_dtype", None)
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError:  # remote-code diffusion LMs register as AutoModel only
+            model = AutoModel.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return cls(model.eval(), tokenizer, _scheduler(sampler), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (also for a plain ``nn.Module`` model, which has no ``.device``)."""
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _encode(self, prompt: str | Sequence[str] | None, input_ids: torch.Tensor | None,
+                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids is not None:
+            ids = torch.as_tensor(input_ids, dtype=torch.long)
+            ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+            mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+            return ids.to(self.device), mask.to(self.device).long()
+        if prompt is None:
+            raise ValueError("give prompt= (a string or a list of strings) or input_ids=")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: the list of prompts is empty")
+        tokenizer = self.tokenizer
+        encoded = [tokenizer(p)["input_ids"] for p in prompts]
+        longest = max(len(e) for e in encoded)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.interface.mask_token_id
+        ids = torch.tensor([[pad] * (longest - len(e)) + list(e) for e in encoded], dtype=torch.long)
+        mask = torch.tensor([[0] * (longest - len(e)) + [1] * len(e) for e in encoded], dtype=torch.long)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _max_length(self) -> int | None:
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "max_sequence_length", "n_positions", "model_max_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return limit if isinstance(limit, int) and 0 < limit < 10**6 else None
+
+    def _scheduler_for(self, sampler: str | MaskedDiffusionScheduler | None, overrides: dict[str, Any]) -> MaskedDiffusionScheduler:
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(sampler, MaskedDiffusionScheduler):
+            base = sampler
+        else:
+            base = self.scheduler
+            if isinstance(sampler, str):
+                name, _, options = sampler.partition(":")
+                overrides = {"sampler": sampler_name(name), **_parse_options(options), **overrides}
+        if not overrides and base.config.mask_token_id == self.interface.mask_token_id:
+            return base
+        return MaskedDiffusionScheduler.from_config(base.config, **{**overrides,
+                                                                    "mask_token_id": self.interface.mask_token_id})
+
+    # -- the model --------------------------------------------------------------------------
+    def _inputs(self, canvas: torch.Tensor, attention: torch.Tensor, t: torch.Tensor, prompt_len: int,
+                cfg_scale: float, schedule: MaskedDiffusionScheduler) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """The model's batch: the canvas, and with guidance the same canvas with its prompt masked."""
+        time = None
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        if self.interface.time_input == "sigma":
+            time = sigma(schedule.config.noise_schedule, t, schedule.config.eps).to(dtype)
+        elif self.interface.time_input == "t":
+            time = t.to(dtype)
+        if cfg_scale <= 0:
+            return canvas, attention, time
+        unconditional = canvas.clone()
+        unconditional[:, :prompt_len] = torch.where(attention[:, :prompt_len].bool(), self.interface.mask_token_id,
+                                                    canvas[:, :prompt_len])
+        return (torch.cat([canvas, unconditional]), torch.cat([attention, attention]),
+                None if time is None else torch.cat([time, time]))
+
+    @staticmethod
+    def _guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        if cfg_scale <= 0:
+            return logits
+        conditional, free = logits.chunk(2)
+        return free + (cfg_scale + 1.0) * (conditional - free)
+
+    # -- the call ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt: str | Sequence[str] | None = None, *, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, gen_length: int = 128, steps: int | None = None,
+                 block_length: int | None = None, sampler: str | MaskedDiffusionScheduler | None = None,
+                 temperature: float | None = None, threshold: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, cfg_scale: float = 0.0, generator: torch.Generator | None = None,
+                 reuse_unchanged: bool = True, stop_at_eos: bool = True, kv_cache: str | None = None,
+                 callback_on_step_end: Callable[[Any, int, torch.Tensor], None] | None = None,
+                 return_dict: bool = True) -> MaskedDiffusionLMPipelineOutput | tuple:
+        """Generate ``gen_length`` tokens after each prompt.
+
+        Args:
+            steps: sampler steps in all (default ``gen_length``), shared evenly among the blocks
+                (the first blocks take the remainder). Adaptive samplers (first-hitting,
+                threshold) take as many as their tokens need.
+            block_length: decode in blocks of this many tokens, left to right (default: one
+                block); ``gen_length`` must be a multiple of it.
+            sampler: a scheduler, or a sampler name with options (``"threshold:threshold=0.8"``);
+                default: the pipeline's scheduler. ``temperature``, ``threshold``, ``top_k``,
+                ``top_p`` override its configuration for this call.
+            cfg_scale: classifier-free guidance by masking the prompt (0: off):
+                ``uncond + (cfg_scale + 1)·(cond − uncond)``.
+            reuse_unchanged: reuse the last logits when no token changed since the model was called
+                (never for models with a time input). Exact: the samples do not change.
+            kv_cache: ``"prefix"`` or ``"dual"``: Fast-dLLM's key/value caches (:mod:`.text_cache`;
+                approximate, refreshed at each block's first step); ``None``: off.
+            stop_at_eos: in block decoding, stop once every sequence has an end-of-sequence token;
+                the rest is filled with it.
+            callback_on_step_end: ``f(pipe, step, canvas)`` after every step (the canvas holds the
+                prompt too; for streaming intermediate text).
+        """
+        for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
+        if kv_cache is not None and kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES} or None, got {kv_cache!r}")
+        if kv_cache is not None and not self.interface.takes_cache:
+            raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed as "
+                             f"past_key_values; {type(self.model).__name__}.forward takes no past_key_values")
+        block_length = block_length or gen_length
+        if gen_length % block_length:
+            raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+        blocks = gen_length // block_length
+        steps = gen_length if steps is None else steps
+        if steps < blocks:
+            raise ValueError(f"steps ({steps}) must be at least the number of blocks ({blocks} = gen_length / "
+                             "block_length): every block takes at least one step")
+        schedule = self._scheduler_for(sampler, {"temperature": temperature, "threshold": threshold,
+                                                 "top_k": top_k, "top_p": top_p})
+        prompt_ids, prompt_mask = self._encode(prompt, input_ids, attention_mask)
+        batch, prompt_len = prompt_ids.shape
+        limit = self._max_length()
+        if limit is not None and prompt_len + gen_length > limit:
+            raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) is longer than the model's "
+                             f"maximum length {limit}")
+        mask_id = self.interface.mask_token_id
+        canvas = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_id, device=self.device)], dim=1)
+        attention = torch.cat([prompt_mask, torch.ones((batch, gen_length), dtype=torch.long, device=self.device)], 1)
+        reuse = reuse_unchanged and self.interface.time_input is None
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        nfe = taken = 0
+        seen: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
+        total = gen_length if schedule.adaptive else steps
+        with self.progress_bar(total=total) as bar:
+            for b in range(blocks):
+                start = prompt_len + b * block_length
+                active = torch.zeros_like(canvas, dtype=torch.bool)
+                active[:, start:start + block_length] = True
+                schedule.set_timesteps(per_block[b], device=self.device)
+                cache = None if kv_cache is None else BlockCache(kv_cache, start, start + block_length,
+                                                                 canvas.shape[1], self.interface.shift_logits)
+                t = torch.ones(batch, dtype=torch.float64, device=self.device)
+                for _ in range(block_length if schedule.adaptive else per_block[b]):
+                    if not bool(((canvas == mask_id) & active).any()):
+                        break
+                    if not (reuse and seen is not None and torch.equal(seen, canvas)):
+                        ids, mask, time = self._inputs(canvas, attention, t, prompt_len, cfg_scale, schedule)
+
+                        def forward(i: torch.Tensor, a: torch.Tensor, **kw: Any) -> torch.Tensor:
+                            return self.interface.logits(self.model, i, a, time, **kw)
+
+                        if cache is None:
+                            raw = forward(ids, mask)
+                        elif cache.logits is None:  # the block's first call: refresh
+                            raw = cache.refresh(forward, ids, mask)
+                        else:
+                            raw = cache.step(forward, ids, mask, (mask.cumsum(-1) - 1).clamp_min(0))
+                        logits = self._guided(raw, cfg_scale)
+                        seen, nfe = canvas.clone(), nfe + 1
+                    out = schedule.step(logits, t, canvas, active=active, generator=generator)
+                    canvas, t = out.prev_sample, out.next_timestep
+                    taken += 1
+                    bar.update()
+                    if callback_on_step_end is not None:
+                        callback_on_step_end(self, taken - 1, canvas)
+                if stop_at_eos and eos is not None and b + 1 < blocks:
+                    decoded = canvas[:, prompt_len:start + block_length]
+                    if bool((decoded == eos).any(1).all()):
+                        canvas[:, start + block_length:] = eos
+                        break
+        sequences = canvas[:, prompt_len:]
+        texts = [self._decode(row, eos) for row in sequences]
+        if not return_dict:
+            return texts, sequences, nfe, taken
+        return MaskedDiffusionLMPipelineOutput(texts, sequences, nfe, taken)
+
+    def _decode(self, row: torch.Tensor, eos: int | None) -> str:
+        ids = row.tolist()
+        if eos is not None and eos in ids:
+            ids = ids[:ids.index(eos)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _scheduler(sampler: str | None) -> MaskedDiffusionScheduler:
+    if sampler is None:
+        return MaskedDiffusionScheduler()
+    name, _, options = sampler.partition(":")
+    return MaskedDiffusionScheduler(sampler=sampler_name(name), **_parse_options(options))
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    """``"threshold=0.8,temperature=0"`` -> {"threshold": 0.8, "temperature": 0.0}."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"sampler options must look like name=value, got {item!r}")
+        key = key.strip().replace("-", "_")
+        if key in ("top_k",):
+            options[key] = int(value)
+        elif key in ("noise_schedule",):
+            options[key] = value.strip()
+        elif key in ("threshold", "temperature", "top_p", "eps"):
+            options[key] = float(value)
+        else:
+            raise ValueError(f"unknown sampler option {key!r}; allowed: threshold, temperature, top_k, top_p, "
+                             "noise_schedule, eps")
+    return options

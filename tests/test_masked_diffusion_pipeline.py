@@ -1,0 +1,216 @@
+"""MaskedDiffusionLMPipeline on models built in code: a tiny BERT, and tiny models reproducing the
+interfaces of remote-code diffusion LMs (LLaDA's mask id, Dream's shifted logits, MDLM's time input)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertTokenizer, PretrainedConfig
+
+from fastdiff.pipelines import MaskedDiffusionLMPipeline
+from fastdiff.schedulers import MaskedDiffusionScheduler, sigma
+
+LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+
+
+@pytest.fixture(scope="module")
+def vocab_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS]) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vocab_file):
+    return BertTokenizer(vocab_file, do_lower_case=True)  # one token per letter ("a b c")
+
+
+@pytest.fixture(scope="module")
+def bert(tokenizer):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertForMaskedLM(config).eval()
+
+
+def make(model, tokenizer, sampler="low-confidence", temperature=None, **kwargs):
+    scheduler = MaskedDiffusionScheduler(sampler=sampler, temperature=temperature)
+    pipe = MaskedDiffusionLMPipeline(model, tokenizer, scheduler, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Oracle(torch.nn.Module):
+    """Always predicts ``target`` at the last positions; can shift its logits like a model adapted
+    from an autoregressive one (Dream), and can take a time input like MDLM."""
+
+    def __init__(self, target, vocab, model_type="", shift=False, timed=False):
+        super().__init__()
+        self.config = PretrainedConfig()
+        self.config.model_type, self.config.vocab_size = model_type, vocab
+        self.target, self.vocab, self.shift, self.timed = list(target), vocab, shift, timed
+        self.times = []
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, timesteps=None):
+        if self.timed:
+            assert timesteps is not None and timesteps.shape == (input_ids.shape[0],)
+            self.times.append(timesteps.clone())
+        else:
+            assert timesteps is None
+        batch, length = input_ids.shape
+        logits = torch.zeros(batch, length, self.vocab)
+        start = length - len(self.target)
+        logits[:, start:] = torch.nn.functional.one_hot(torch.tensor(self.target), self.vocab).float() * 100
+        if self.shift:  # position i's prediction sits at i - 1
+            logits = torch.cat([logits[:, 1:], logits[:, -1:]], dim=1)
+        return (logits,)
+
+
+TARGET = [9, 10, 11, 12, 13, 14]
+
+
+def test_adapters_recover_the_oracle_target(tokenizer):
+    prompt = torch.tensor([[5, 6, 7]])
+    vocab = len(tokenizer)
+    for sampler in ("low-confidence", "mdlm", "first-hitting", "threshold", "rdm", "random"):
+        pipe = make(Oracle(TARGET, vocab), tokenizer, sampler)
+        out = pipe(input_ids=prompt, gen_length=6, steps=3, generator=torch.Generator().manual_seed(0))
+        assert out.sequences.tolist() == [TARGET] and out.texts == ["e f g h i j"], sampler
+    # Dream: logits shifted by one, declared by its model_type (and overridable)
+    dream = make(Oracle(TARGET, vocab, model_type="dream", shift=True), tokenizer)
+    assert dream.interface.shift_logits and dream(input_ids=prompt, gen_length=6).sequences.tolist() == [TARGET]
+    unshifted = make(Oracle(TARGET, vocab, model_type="dream", shift=True), tokenizer, shift_logits=False)
+    assert unshifted(input_ids=prompt, gen_length=6).sequences.tolist() != [TARGET]
+    # MDLM: the time goes in as sigma(t), one per sequence
+    timed = Oracle(TARGET, vocab, model_type="mdlm", timed=True)
+    mdlm = make(timed, tokenizer, "mdlm")
+    assert mdlm.interface.time_input == "sigma"
+    out = mdlm(input_ids=prompt.expand(2, 3), gen_length=6, steps=4, generator=torch.Generator().manual_seed(0))
+    assert out.sequences.tolist() == [TARGET] * 2
+    assert torch.allclose(timed.times[0].double(), sigma("log-linear", torch.ones(2, dtype=torch.float64)))
+    # LLaDA: its mask token is not the tokenizer's
+    llada = make(Oracle(TARGET, 126400, model_type="llada"), tokenizer)
+    assert llada.interface.mask_token_id == 126336 and llada.scheduler.config.mask_token_id == 126336
+    assert llada(input_ids=prompt, gen_length=6).sequences.tolist() == [TARGET]
+
+
+def test_a_batch_of_mixed_prompt_lengths_equals_single_prompts(bert, tokenizer):
+    pipe = make(bert, tokenizer, temperature=0.0)
+    prompts = ["a b", "a b c d e f g h", "q"]
+    batch = pipe(prompts, gen_length=8, steps=8)
+    assert batch.sequences.shape == (3, 8) and not bool((batch.sequences == tokenizer.mask_token_id).any())
+    for i, prompt in enumerate(prompts):
+        alone = pipe(prompt, gen_length=8, steps=8)
+        assert alone.sequences[0].tolist() == batch.sequences[i].tolist(), prompt
+        assert alone.texts[0] == batch.texts[i]
+
+
+def test_reusing_unchanged_steps_cuts_model_calls_with_identical_samples(bert, tokenizer):
+    pipe = make(bert, tokenizer, "mdlm")
+    reused = pipe("abc", gen_length=16, steps=200, generator=torch.Generator().manual_seed(3))
+    plain = pipe("abc", gen_length=16, steps=200, generator=torch.Generator().manual_seed(3), reuse_unchanged=False)
+    assert torch.equal(reused.sequences, plain.sequences)
+    assert reused.nfe <= 17 and plain.nfe == plain.steps and plain.nfe >= 3 * reused.nfe
+    # a model with a time input is always called: its output depends on t even on an unchanged canvas
+    timed = make(Oracle(TARGET, len(tokenizer), model_type="mdlm", timed=True), tokenizer, "mdlm")
+    out = timed(input_ids=torch.tensor([[5, 6]]), gen_length=6, steps=50, generator=torch.Generator().manual_seed(0))
+    assert out.nfe == out.steps
+
+
+def test_blocks_stop_at_end_of_sequence(vocab_file):
+    with_eos = BertTokenizer(vocab_file, eos_token="[SEP]")
+    eos = with_eos.eos_token_id
+    target = [9, 10, eos, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    steps_seen = []
+    pipe = make(Oracle(target, len(with_eos)), with_eos)
+    out = pipe(input_ids=torch.tensor([[5]]), gen_length=12, block_length=4, steps=12,
+               callback_on_step_end=lambda p, i, canvas: steps_seen.append(i))
+    assert out.sequences.tolist() == [[9, 10, eos, 11] + [eos] * 8] and out.texts == ["e f"]
+    assert out.steps == 4 and steps_seen == [0, 1, 2, 3]  # the first block only: its 12 / 3 steps
+    full = pipe(input_ids=torch.tensor([[5]]), gen_length=12, block_length=4, steps=12, stop_at_eos=False)
+    assert full.sequences.tolist() == [target] and full.steps == 12
+
+
+def test_sampler_names_options_and_guidance(bert, tokenizer):
+    pipe = make(bert, tokenizer)
+    # every top probability over 31 tokens exceeds 1/31: a threshold below commits all in one step
+    fast = pipe("a b c", gen_length=16, sampler="fast-dllm:threshold=0.03")
+    slow = pipe("a b c", gen_length=16, sampler="threshold", threshold=1.0)
+    assert fast.steps == fast.nfe == 1 and slow.steps == slow.nfe == 16  # threshold 1: one token per step
+    assert pipe.scheduler.config.sampler == "low-confidence"  # per-call overrides leave the pipeline alone
+    guided = pipe("abc", gen_length=8, steps=8, cfg_scale=0.0)
+    assert torch.equal(guided.sequences, pipe("abc", gen_length=8, steps=8).sequences)
+    assert pipe("abc", gen_length=8, steps=8, cfg_scale=2.0).nfe == 8
+    with pytest.raises(ValueError, match="unknown sampler option"):
+        pipe("abc", gen_length=8, sampler="threshold:speed=2")
+
+
+def test_bad_input(bert, tokenizer, vocab_file):
+    pipe = make(bert, tokenizer)
+    with pytest.raises(ValueError, match=r"gen_length \(10\) must be a multiple of block_length \(4\)"):
+        pipe("a", gen_length=10, block_length=4)
+    with pytest.raises(ValueError, match=r"steps \(2\) must be at least the number of blocks \(4"):
+        pipe("a", gen_length=16, block_length=4, steps=2)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+        pipe("a", gen_length=8, sampler="threshold", threshold=1.5)
+    with pytest.raises(ValueError, match="longer than the model's maximum length 64"):
+        pipe(" ".join("abcdefgh" * 4), gen_length=40)
+    with pytest.raises(ValueError, match="the list of prompts is empty"):
+        pipe([], gen_length=8)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        pipe("a", gen_length=8, sampler="beam")
+    no_mask = BertTokenizer(vocab_file)
+    no_mask.mask_token = None
+    with pytest.raises(ValueError, match="mask_token_id: the tokenizer has no mask token"):
+        make(Oracle(TARGET, len(tokenizer)), no_mask)
+    assert make(Oracle(TARGET, len(tokenizer)), no_mask, mask_token_id=4).interface.mask_token_id == 4
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        make(Oracle(TARGET, len(tokenizer)), no_mask, mask_token_id=999)
+
+
+def test_save_and_load(bert, tokenizer, tmp_path):
+    pipe = make(bert, tokenizer, "threshold", temperature=0.0)
+    before = pipe("abc", gen_length=8)
+    pipe.save_pretrained(tmp_path)
+    loaded = MaskedDiffusionLMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.sampler == "threshold"
+    assert torch.equal(loaded("abc", gen_length=8).sequences, before.sequences)
+
+
+def test_kv_caches(bert, tokenizer):
+    from fastdiff.pipelines.text_cache import BlockCache
+
+    pipe = make(bert, tokenizer)
+    prompts = ["a b c", "q r s t u v"]
+    # a cached step on an unchanged canvas gives exactly the full model's logits at the queried positions
+    ids, mask = pipe._encode(prompts, None, None)
+    canvas = torch.cat([ids, torch.full((2, 12), tokenizer.mask_token_id)], dim=1)
+    attention = torch.cat([mask, torch.ones(2, 12, dtype=torch.long)], dim=1)
+    canvas[:, -12:-8] = 7
+    full = pipe.interface.logits(bert, canvas, attention, None)
+
+    def forward(i, a, **kw):
+        return pipe.interface.logits(bert, i, a, None, **kw)
+
+    start = ids.shape[1] + 4
+    for mode in ("prefix", "dual"):
+        cache = BlockCache(mode, start, start + 4, canvas.shape[1], shifted=False)
+        assert torch.allclose(cache.refresh(forward, canvas, attention), full, atol=1e-5)
+        stepped = cache.step(forward, canvas, attention, (attention.cumsum(-1) - 1).clamp_min(0))
+        queried = cache.query
+        assert int(queried.sum()) == (canvas.shape[1] - start if mode == "prefix" else 4)
+        assert torch.allclose(stepped[:, queried], full[:, queried], atol=1e-5), mode
+    # one step per block: every call refreshes, so the generation is exactly the uncached one
+    plain = pipe(prompts, gen_length=12, block_length=4, steps=3)
+    for mode in ("prefix", "dual"):
+        assert torch.equal(pipe(prompts, gen_length=12, block_length=4, steps=3, kv_cache=mode).sequences,
+                           plain.sequences), mode
+        cached = pipe(prompts, gen_length=12, block_length=4, steps=12, kv_cache=mode)
+        assert not bool((cached.sequences == tokenizer.mask_token_id).any()) and cached.nfe == 12
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        pipe("a", gen_length=8, kv_cache="full")
+    oracle = make(Oracle(TARGET, len(tokenizer)), tokenizer)
+    with pytest.raises(ValueError, match="kv_cache needs a model whose attention layers fill a transformers Cache"):
+        oracle(input_ids=torch.tensor([[5]]), gen_length=6, block_length=3, steps=4, kv_cache="dual")
