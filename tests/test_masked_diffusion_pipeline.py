@@ -112,6 +112,13 @@ def test_reusing_unchanged_steps_cuts_model_calls_with_identical_samples(bert, t
     plain = pipe("abc", gen_length=16, steps=200, generator=torch.Generator().manual_seed(3), reuse_unchanged=False)
     assert torch.equal(reused.sequences, plain.sequences)
     assert reused.nfe <= 17 and plain.nfe == plain.steps and plain.nfe >= 3 * reused.nfe
+    # per sequence: a call carries only the sequences that changed
+    prompts = ["a b c", "d", "e f"]
+    reused = pipe(prompts, gen_length=16, steps=100, generator=torch.Generator().manual_seed(4))
+    plain = pipe(prompts, gen_length=16, steps=100, generator=torch.Generator().manual_seed(4), reuse_unchanged=False)
+    assert torch.equal(reused.sequences, plain.sequences)
+    assert max(reused.sequence_nfe) <= 17 and reused.nfe >= max(reused.sequence_nfe)
+    assert sum(reused.sequence_nfe) < 3 * reused.nfe and plain.sequence_nfe == [plain.nfe] * 3
     # a model with a time input is always called: its output depends on t even on an unchanged canvas
     timed = make(Oracle(TARGET, len(tokenizer), model_type="mdlm", timed=True), tokenizer, "mdlm")
     out = timed(input_ids=torch.tensor([[5, 6]]), gen_length=6, steps=50, generator=torch.Generator().manual_seed(0))

@@ -28,12 +28,15 @@ from .text_cache import KV_CACHES, BlockCache
 class MaskedDiffusionLMPipelineOutput(BaseOutput):
     """``texts``: the generated text per prompt (cut at the first end-of-sequence token);
     ``sequences``: the generated token ids (batch × gen_length); ``nfe``: model calls made
-    (a classifier-free-guidance pair is one batched call); ``steps``: sampler steps taken."""
+    (a classifier-free-guidance pair is one batched call); ``steps``: sampler steps taken;
+    ``sequence_nfe``: per sequence, how many calls it went through (a call may carry only the
+    sequences whose tokens changed)."""
 
     texts: list[str]
     sequences: torch.LongTensor
     nfe: int
     steps: int
+    sequence_nfe: list[int]
 
 
 class MaskedDiffusionLMPipeline(DiffusionPipeline):
@@ -151,6 +154,25 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         return (torch.cat([canvas, unconditional]), torch.cat([attention, attention]),
                 None if time is None else torch.cat([time, time]))
 
+    def _denoise(self, canvas: torch.Tensor, attention: torch.Tensor, t: torch.Tensor, prompt_len: int,
+                 cfg_scale: float, schedule: MaskedDiffusionScheduler, cache: BlockCache | None,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        """Guided logits for the canvas (or its ``rows``), through the block's cache if there is one."""
+        if rows is not None:
+            canvas, attention, t = canvas[rows], attention[rows], t[rows]
+        ids, mask, time = self._inputs(canvas, attention, t, prompt_len, cfg_scale, schedule)
+
+        def forward(i: torch.Tensor, a: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return self.interface.logits(self.model, i, a, time, **kw)
+
+        if cache is None:
+            raw = forward(ids, mask)
+        elif cache.logits is None:  # the block's first call: refresh
+            raw = cache.refresh(forward, ids, mask)
+        else:
+            raw = cache.step(forward, ids, mask, (mask.cumsum(-1) - 1).clamp_min(0))
+        return self._guided(raw, cfg_scale)
+
     @staticmethod
     def _guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         if cfg_scale <= 0:
@@ -182,7 +204,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             cfg_scale: classifier-free guidance by masking the prompt (0: off):
                 ``uncond + (cfg_scale + 1)·(cond − uncond)``.
             reuse_unchanged: reuse the last logits when no token changed since the model was called
-                (never for models with a time input). Exact: the samples do not change.
+                (never for models with a time input): for the whole batch, or per sequence (only
+                the changed sequences are sent to the model). Exact: the samples do not change.
             kv_cache: ``"prefix"`` or ``"dual"``: Fast-dLLM's key/value caches (:mod:`.text_cache`;
                 approximate, refreshed at each block's first step); ``None``: off.
             stop_at_eos: in block decoding, stop once every sequence has an end-of-sequence token;
@@ -222,6 +245,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         reuse = reuse_unchanged and self.interface.time_input is None
         eos = getattr(self.tokenizer, "eos_token_id", None)
         nfe = taken = 0
+        per_sequence = torch.zeros(batch, dtype=torch.long, device=self.device)
         seen: torch.Tensor | None = None
         logits: torch.Tensor | None = None
         per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
@@ -238,20 +262,22 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                 for _ in range(block_length if schedule.adaptive else per_block[b]):
                     if not bool(((canvas == mask_id) & active).any()):
                         break
-                    if not (reuse and seen is not None and torch.equal(seen, canvas)):
-                        ids, mask, time = self._inputs(canvas, attention, t, prompt_len, cfg_scale, schedule)
-
-                        def forward(i: torch.Tensor, a: torch.Tensor, **kw: Any) -> torch.Tensor:
-                            return self.interface.logits(self.model, i, a, time, **kw)
-
-                        if cache is None:
-                            raw = forward(ids, mask)
-                        elif cache.logits is None:  # the block's first call: refresh
-                            raw = cache.refresh(forward, ids, mask)
+                    changed = torch.ones(batch, dtype=torch.bool, device=self.device) if seen is None or not reuse \
+                        else (seen != canvas).any(1)
+                    if bool(changed.any()):
+                        if cache is not None or bool(changed.all()):
+                            rows = None
+                        else:  # per sequence: only the sequences whose tokens changed go through the model
+                            rows = changed.nonzero().squeeze(1)
+                        fresh = self._denoise(canvas, attention, t, prompt_len, cfg_scale, schedule, cache, rows)
+                        if rows is None:
+                            logits = fresh
                         else:
-                            raw = cache.step(forward, ids, mask, (mask.cumsum(-1) - 1).clamp_min(0))
-                        logits = self._guided(raw, cfg_scale)
+                            assert logits is not None
+                            logits = logits.clone()
+                            logits[rows] = fresh
                         seen, nfe = canvas.clone(), nfe + 1
+                        per_sequence += changed.long()
                     out = schedule.step(logits, t, canvas, active=active, generator=generator)
                     canvas, t = out.prev_sample, out.next_timestep
                     taken += 1
@@ -266,8 +292,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         sequences = canvas[:, prompt_len:]
         texts = [self._decode(row, eos) for row in sequences]
         if not return_dict:
-            return texts, sequences, nfe, taken
-        return MaskedDiffusionLMPipelineOutput(texts, sequences, nfe, taken)
+            return texts, sequences, nfe, taken, per_sequence.tolist()
+        return MaskedDiffusionLMPipelineOutput(texts, sequences, nfe, taken, per_sequence.tolist())
 
     def _decode(self, row: torch.Tensor, eos: int | None) -> str:
         ids = row.tolist()
