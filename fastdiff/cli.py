@@ -1,4 +1,4 @@
-"""``fastdiff generate`` and ``fastdiff bench``: the library's jobs from a shell."""
+"""``fastdiff generate``, ``bench``, ``fid``, ``calibrate`` and ``text``: the library's jobs from a shell."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 from . import __version__  # noqa: E402
 from .core.accelerator import apply  # noqa: E402
 from .core.method import METHODS, Method, parse_method  # noqa: E402
+from .cli_text import add_text_parser  # noqa: E402
 from .models import BUILTIN_MODELS  # noqa: E402
 
 DEFAULT_MODEL = "digits"
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--plot", default=None, help="speed-quality plot PNG (default: next to --json)")
     _fid_parser(commands)
     _calibrate_parser(commands)
+    add_text_parser(commands)
     return parser
 
 
@@ -335,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"generate": cmd_generate, "bench": cmd_bench, "fid": cmd_fid, "calibrate": cmd_calibrate}
     try:
-        return handlers[args.command](args)
+        return handlers[args.command](args) if args.command in handlers else args.handler(args)
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"fastdiff {args.command}: error: {exc}\n")
     return 1

@@ -1,0 +1,198 @@
+"""``pydoc-mdlm``: a small masked diffusion language model trained on Python's own help text.
+
+The corpus is ``pydoc_data.topics`` (the text of ``help("assert")`` and friends), which ships
+with every Python. Documents are the topics in sorted order, each followed by ``<eos>``; every
+seventh topic is held out for validation. A byte-level BPE tokenizer (1,024 tokens, with
+``<pad>``, ``<mask>``, ``<eos>``) is trained on the training topics, and a 4-layer BERT
+(``BertForMaskedLM``, no time input, as LLaDA) on windows of 256 tokens with the MDLM objective
+for the linear schedule: mask each token with probability t and predict the masked ones. Training
+minimises their mean cross-entropy; evaluation weights it by 1/t, which makes it an upper
+bound on the negative log-likelihood per token (the ELBO). The exponential of that bound is the
+validation perplexity bound reported by ``evaluate``.
+
+    python -m fastdiff.models.pydoc_text train --out fastdiff/models/weights/pydoc-mdlm
+    python -m fastdiff.models.pydoc_text evaluate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PYDOC_MDLM_NAME = "pydoc-mdlm"
+PYDOC_MDLM_DIR = Path(__file__).parent / "weights" / PYDOC_MDLM_NAME
+SEQUENCE_LENGTH = 256
+VOCAB_SIZE = 1024
+SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>")
+DEFAULT_STEPS = 4000
+LEARNING_RATE = 5e-4
+HELD_OUT_EVERY = 7
+
+
+def corpus() -> tuple[list[str], list[str]]:
+    """(training topics, validation topics) of ``pydoc_data.topics``: distinct texts in the
+    order of their topic names, every ``HELD_OUT_EVERY``-th held out."""
+    from pydoc_data.topics import topics
+
+    texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))  # some names share one text
+    train = [text for i, text in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    valid = [text for i, text in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    return train, valid
+
+
+def train_tokenizer(texts: Sequence[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", mask_token="<mask>",
+                                   eos_token="<eos>", model_max_length=SEQUENCE_LENGTH)
+
+
+def token_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def build_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=SEQUENCE_LENGTH, type_vocab_size=1,
+                        pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.1,
+                        attention_probs_dropout_prob=0.1)
+    return BertForMaskedLM(config)
+
+
+def masked_diffusion_loss(model: torch.nn.Module, batch: torch.Tensor, mask_id: int, generator: torch.Generator,
+                          elbo: bool = True) -> torch.Tensor:
+    """MDLM's negative ELBO per token for the linear schedule (masked cross-entropy weighted by
+    1/t), with antithetic times. ``elbo=False``: the plain mean cross-entropy of the masked tokens,
+    which has the same minimiser but far less variance (the 1/t weight makes a few nearly clean
+    sequences dominate a small batch); used for training."""
+    size = batch.shape[0]
+    offset = torch.rand((), generator=generator)
+    t = ((offset + torch.arange(size) / size) % 1.0).clamp_min(1e-3)
+    masked = torch.rand(batch.shape, generator=generator) < t.unsqueeze(1)
+    noisy = torch.where(masked, torch.full_like(batch, mask_id), batch)
+    logits = model(noisy).logits.float()
+    logits[..., mask_id] = float("-inf")  # the mask is never a prediction
+    loss = F.cross_entropy(logits.transpose(1, 2), batch, reduction="none")
+    if not elbo:  # each sequence's mean over its masked tokens: every noise level weighs the same
+        return ((loss * masked).sum(1) / masked.sum(1).clamp_min(1)).mean()
+    return (loss * masked / t.unsqueeze(1)).sum() / batch.numel()
+
+
+def _windows(stream: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - SEQUENCE_LENGTH, (count,), generator=generator)
+    return torch.stack([stream[s:s + SEQUENCE_LENGTH] for s in starts.tolist()])
+
+
+def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 8, log: Any = print) -> dict:
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    train_texts, valid_texts = corpus()
+    tokenizer = train_tokenizer(train_texts)
+    stream = token_stream(tokenizer, train_texts)
+    log(f"corpus: {len(train_texts)} training topics, {len(stream)} tokens; vocabulary {len(tokenizer)}")
+    model = build_model(tokenizer, seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = get_cosine_schedule_with_warmup(optimizer, 100, steps)
+    generator = torch.Generator().manual_seed(seed)
+    mask_id = tokenizer.mask_token_id
+    started, running = time.perf_counter(), []
+    for step in range(steps):
+        loss = masked_diffusion_loss(model, _windows(stream, batch_size, generator), mask_id, generator, elbo=False)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running.append(float(loss.detach()))
+        if (step + 1) % 100 == 0:
+            log(f"step {step + 1}/{steps}: loss {sum(running) / len(running):.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
+            running = []
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.half().save_pretrained(out)  # float16 on disk (a few MB); loaded as float32
+    tokenizer.save_pretrained(out)
+    model.float()
+    result = {"train_seconds": round(time.perf_counter() - started), "steps": steps, "batch_size": batch_size,
+              "seed": seed, "python": sys.version.split()[0], **evaluate(model, tokenizer, valid_texts)}
+    (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str] | None = None, passes: int = 16,
+             seed: int = 0) -> dict:
+    """The validation bound: mean negative ELBO per token (nats) and its perplexity, over
+    non-overlapping windows of the held-out topics, ``passes`` draws of masks each."""
+    texts = corpus()[1] if texts is None else texts
+    stream = token_stream(tokenizer, texts)
+    count = len(stream) // SEQUENCE_LENGTH
+    windows = stream[:count * SEQUENCE_LENGTH].reshape(count, SEQUENCE_LENGTH)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    total = sum(float(masked_diffusion_loss(model, windows, tokenizer.mask_token_id, generator))
+                for _ in range(passes)) / passes
+    return {"valid_tokens": int(windows.numel()), "valid_nelbo_per_token": round(total, 4),
+            "valid_perplexity_bound": round(math.exp(total), 2)}
+
+
+def load_pydoc_mdlm(path: str | Path = PYDOC_MDLM_DIR, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(model, tokenizer) of the shipped model."""
+    from transformers import BertForMaskedLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        from .builtin import ModelLoadError
+
+        raise ModelLoadError(f"pydoc-mdlm weights not found in {path}; train them with "
+                             "`python -m fastdiff.models.pydoc_text train`")
+    model = BertForMaskedLM.from_pretrained(path, dtype=dtype).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.models.pydoc_text", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = commands.add_parser("train")
+    trainer.add_argument("--out", type=Path, default=PYDOC_MDLM_DIR)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    trainer.add_argument("--batch-size", type=int, default=8)
+    evaluator = commands.add_parser("evaluate")
+    evaluator.add_argument("--model", type=Path, default=PYDOC_MDLM_DIR)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.command == "train":
+        result = train(args.out, args.seed, args.steps, args.batch_size, log=lambda m: print(m, flush=True))
+    else:
+        model, tokenizer = load_pydoc_mdlm(args.model)
+        result = evaluate(model, tokenizer)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
