@@ -218,6 +218,29 @@ def test_kv_caches(bert, tokenizer):
         assert not bool((cached.sequences == tokenizer.mask_token_id).any()) and cached.nfe == 12
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         pipe("a", gen_length=8, kv_cache="full")
+    # rotary positions without position_ids: the prefix cache places the new tokens right after it
+    from transformers import RoFormerConfig, RoFormerForMaskedLM
+
+    torch.manual_seed(0)
+    roformer = RoFormerForMaskedLM(RoFormerConfig(vocab_size=len(tokenizer), hidden_size=32, embedding_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=64)).eval()
+    rotary = make(roformer, tokenizer)
+    assert not rotary.interface.takes_position_ids and rotary.interface.takes_cache
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = rotary(input_ids=ids, gen_length=12, block_length=4, steps=3)
+    assert torch.equal(rotary(input_ids=ids, gen_length=12, block_length=4, steps=3, kv_cache="prefix").sequences,
+                       plain.sequences)
+    canvas = torch.cat([ids, torch.full((1, 12), tokenizer.mask_token_id)], dim=1)
+    ones = torch.ones_like(canvas)
+    full = rotary.interface.logits(roformer, canvas, ones, None)
+    cache = BlockCache("prefix", 8, 12, canvas.shape[1], shifted=False)
+    cache.refresh(lambda i, a, **kw: rotary.interface.logits(roformer, i, a, None, **kw), canvas, ones)
+    stepped = cache.step(lambda i, a, **kw: rotary.interface.logits(roformer, i, a, None, **kw), canvas, ones,
+                         ones.cumsum(-1) - 1)
+    assert torch.allclose(stepped[:, 8:], full[:, 8:], atol=1e-5)
+    with pytest.raises(ValueError, match="kv_cache='dual' needs a model that takes position_ids"):
+        rotary(input_ids=ids, gen_length=12, block_length=4, steps=6, kv_cache="dual")
     oracle = make(Oracle(TARGET, len(tokenizer)), tokenizer)
     with pytest.raises(ValueError, match="kv_cache needs a model whose attention layers fill a transformers Cache"):
-        oracle(input_ids=torch.tensor([[5]]), gen_length=6, block_length=3, steps=4, kv_cache="dual")
+        oracle(input_ids=torch.tensor([[5]]), gen_length=6, block_length=3, steps=4, kv_cache="prefix")

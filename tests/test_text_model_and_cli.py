@@ -38,7 +38,7 @@ def test_objective_bounds_and_trains(tokenizer):
                                              elbo=False)
     assert torch.isfinite(elbo) and torch.isfinite(plain)
     plain.backward()
-    assert model.bert.embeddings.word_embeddings.weight.grad is not None
+    assert model.get_input_embeddings().weight.grad is not None
     evaluated = pydoc_text.evaluate(model.eval(), tokenizer, pydoc_text.corpus()[1][:2], passes=1)
     assert evaluated["valid_perplexity_bound"] > 1 and evaluated["valid_tokens"] % pydoc_text.SEQUENCE_LENGTH == 0
 

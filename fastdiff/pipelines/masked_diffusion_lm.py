@@ -220,6 +220,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
         if kv_cache is not None and kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES} or None, got {kv_cache!r}")
+        if kv_cache == "dual" and not self.interface.takes_position_ids:
+            raise ValueError(f"kv_cache='dual' needs a model that takes position_ids (the block is computed after the "
+                             f"cached suffix); {type(self.model).__name__} does not: use kv_cache='prefix'")
         if kv_cache is not None and not self.interface.takes_cache:
             raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed as "
                              f"past_key_values; {type(self.model).__name__}.forward takes no past_key_values")

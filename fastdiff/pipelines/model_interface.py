@@ -47,7 +47,7 @@ class ModelInterface:
         padded = attention_mask is not None and not bool(attention_mask.all())
         if padded and self.takes_attention_mask:
             kwargs["attention_mask"] = attention_mask
-        if position_ids is not None:
+        if position_ids is not None and self.takes_position_ids:
             kwargs["position_ids"] = position_ids
         elif padded and self.takes_position_ids:  # left padding: real tokens start at position 0, as unpadded
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -64,12 +64,15 @@ class ModelInterface:
         return logits
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
+def _accepts(model: torch.nn.Module, name: str, via_kwargs: bool = False) -> bool:
+    """Whether ``model.forward`` takes ``name``: as a named parameter, or (``via_kwargs``) through
+    ``**kwargs``, which transformers models use to pass a cache down to their attention layers."""
     try:
         parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return name in parameters or (via_kwargs and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                                     for p in parameters.values()))
 
 
 def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_id: int | None = None,
@@ -98,5 +101,5 @@ def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_i
         time_input=known.get("time_input") if time_input is False else time_input,
         takes_attention_mask=_accepts(model, "attention_mask"),
         takes_position_ids=_accepts(model, "position_ids"),
-        takes_cache=_accepts(model, "past_key_values"),
+        takes_cache=_accepts(model, "past_key_values", via_kwargs=True),
     )

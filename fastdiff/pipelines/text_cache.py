@@ -4,8 +4,9 @@ At the first step of a block the model runs on the whole canvas and every attent
 and values are kept (a transformers ``DynamicCache``). The following steps of the block run
 the model only on the positions that change: the block and everything after it (``prefix``),
 or the block alone (``dual``). The other positions' keys and values come from the cache.
-Attention here is bidirectional and positions are already in the hidden states, so cached
-keys may come before the new ones in any order.
+Attention is bidirectional, so the cached keys may come first. The new tokens' positions are
+passed as ``position_ids``. Models with rotary positions and no ``position_ids`` argument
+(RoFormer) place new tokens right after the cache, which is right for ``prefix`` only.
 
 This is approximate. Cached positions do not see the block's new tokens until the next block
 refreshes the cache. At the refresh step itself the logits are exactly the full model's, which
