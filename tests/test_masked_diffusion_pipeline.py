@@ -112,6 +112,12 @@ def test_reusing_unchanged_steps_cuts_model_calls_with_identical_samples(bert, t
     plain = pipe("abc", gen_length=16, steps=200, generator=torch.Generator().manual_seed(3), reuse_unchanged=False)
     assert torch.equal(reused.sequences, plain.sequences)
     assert reused.nfe <= 17 and plain.nfe == plain.steps and plain.nfe >= 3 * reused.nfe
+    # the ledger counts the same calls, step by step: the last call (plain), then the one before
+    assert pipe.report().denoiser_calls == plain.nfe and len(pipe.report().steps) == plain.steps
+    earlier = pipe.report(pipe.ledger.calls[-2])
+    assert earlier.denoiser_calls == reused.nfe and len(earlier.steps) == reused.steps
+    assert sum(s.denoiser_calls == 0 for s in earlier.steps) == reused.steps - reused.nfe
+    assert f"{reused.nfe} denoiser calls" in earlier.summary()
     # per sequence: a call carries only the sequences that changed
     prompts = ["a b c", "d", "e f"]
     reused = pipe(prompts, gen_length=16, steps=100, generator=torch.Generator().manual_seed(4))
@@ -184,6 +190,10 @@ def test_save_and_load(bert, tokenizer, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.scheduler.config.sampler == "threshold"
     assert torch.equal(loaded("abc", gen_length=8).sequences, before.sequences)
+    # a sampler named at load time replaces the saved one and keeps the rest of the config
+    other = MaskedDiffusionLMPipeline.from_pretrained(tmp_path, sampler="mdlm:top_k=3")
+    assert other.scheduler.config.sampler == "mdlm" and other.scheduler.config.top_k == 3
+    assert other.scheduler.config.temperature == 0.0
 
 
 def test_kv_caches(bert, tokenizer):
@@ -239,8 +249,33 @@ def test_kv_caches(bert, tokenizer):
     stepped = cache.step(lambda i, a, **kw: rotary.interface.logits(roformer, i, a, None, **kw), canvas, ones,
                          ones.cumsum(-1) - 1)
     assert torch.allclose(stepped[:, 8:], full[:, 8:], atol=1e-5)
-    with pytest.raises(ValueError, match="kv_cache='dual' needs a model that takes position_ids"):
-        rotary(input_ids=ids, gen_length=12, block_length=4, steps=6, kv_cache="dual")
+    # no position_ids argument, but its rotary table is asked for the block's canvas positions
+    assert rotary.interface.rotary_table == "roformer.encoder.embed_positions" and rotary.interface.places_tokens
+    two, two_mask = torch.cat([canvas, canvas]), torch.cat([ones, ones])
+    two[1, :2], two_mask[1, :2] = tokenizer.pad_token_id, 0  # a left-padded row: canvas indices all the same
+    full = rotary.interface.logits(roformer, two, two_mask, None)
+    cache = BlockCache("dual", 8, 12, canvas.shape[1], shifted=False)
+    cache.refresh(lambda i, a, **kw: rotary.interface.logits(roformer, i, a, None, **kw), two, two_mask)
+    stepped = cache.step(lambda i, a, **kw: rotary.interface.logits(roformer, i, a, None, **kw), two, two_mask,
+                         rotary.interface.positions(two_mask))
+    assert torch.allclose(stepped[:, 8:12], full[:, 8:12], atol=1e-5)
+    after = rotary.interface.logits(roformer, two, two_mask, None)  # the hook is gone after the call
+    assert torch.equal(after, full) and not roformer.roformer.encoder.embed_positions._forward_pre_hooks
+    assert torch.equal(rotary(input_ids=ids, gen_length=12, block_length=4, steps=3, kv_cache="dual").sequences,
+                       plain.sequences)
+    cached = rotary(input_ids=ids, gen_length=12, block_length=4, steps=12, kv_cache="dual")
+    assert cached.nfe == 12 and not bool((cached.sequences == tokenizer.mask_token_id).any())
+
+    class NoPlacement(torch.nn.Module):  # takes a cache, but neither position_ids nor a rotary table
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return self.inner(input_ids, attention_mask=attention_mask, **kwargs)
+
+    with pytest.raises(ValueError, match="kv_cache='dual' needs a model that takes position_ids or has a rotary"):
+        make(NoPlacement(bert), tokenizer)(input_ids=ids, gen_length=12, block_length=4, steps=6, kv_cache="dual")
     oracle = make(Oracle(TARGET, len(tokenizer)), tokenizer)
     with pytest.raises(ValueError, match="kv_cache needs a model whose attention layers fill a transformers Cache"):
         oracle(input_ids=torch.tensor([[5]]), gen_length=6, block_length=3, steps=4, kv_cache="prefix")

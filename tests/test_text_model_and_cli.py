@@ -43,17 +43,89 @@ def test_objective_bounds_and_trains(tokenizer):
     assert evaluated["valid_perplexity_bound"] > 1 and evaluated["valid_tokens"] % pydoc_text.SEQUENCE_LENGTH == 0
 
 
-def test_cli_text(tokenizer, tmp_path, capsys):
+@pytest.fixture
+def saved_pipe(tokenizer, tmp_path):
+    """A one-layer BERT pipeline saved to disk, as a user's own folder would be."""
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)).eval()
     MaskedDiffusionLMPipeline(model, tokenizer, MaskedDiffusionScheduler()).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+def test_cli_text(saved_pipe, tmp_path, capsys):
     path = tmp_path / "text.json"
-    assert main(["text", "--model", str(tmp_path / "pipe"), "--prompt", "Slicings\n", "--gen-length", "16",
+    assert main(["text", "--model", str(saved_pipe), "--prompt", "Slicings\n", "--gen-length", "16",
                  "--sampler", "fast-dllm:threshold=0.9", "--json", str(path)]) == 0
     record = json.loads(path.read_text())
     assert record["nfe"] <= 16 and len(record["sequences"][0]) == 16
     assert "model calls for 16 tokens" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["text", "--model", str(tmp_path / "pipe"), "--gen-length", "10", "--block-length", "4"])
+        main(["text", "--model", str(saved_pipe), "--gen-length", "10", "--block-length", "4"])
     assert "must be a multiple of block_length" in capsys.readouterr().err
+
+
+def test_text_bench_counts_calls_and_compares_caches(saved_pipe, tmp_path, capsys):
+    from fastdiff.evals import text_bench
+
+    path = tmp_path / "bench.json"
+    assert text_bench.main(["--model", str(saved_pipe), "--gen-length", "16", "--prompts", "2",
+                            "--reuse-steps", "60", "--cache-block", "8", "--confidence", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    one_per_step, *thresholds, quarter = record["samplers"]
+    assert one_per_step["mean_nfe"] == one_per_step["mean_steps"] == 16 and quarter["mean_steps"] == 4
+    assert [r["sampler"] for r in thresholds] == [f"threshold:threshold={x}" for x in (0.9, 0.5, 0.2, 0.1)]
+    assert all(1 <= r["mean_nfe"] <= 16 and r["elbo_perplexity"] > 1 for r in thresholds)
+    reuse = record["reuse"]
+    # plain sampling calls the model at every step until no mask is left (it may finish a step early)
+    assert reuse["identical_samples"] and 55 <= reuse["mean_nfe_plain"] <= 60
+    assert reuse["mean_nfe_reused"] <= 16 < reuse["mean_nfe_plain"]
+    assert record["reuse"]["mean_nfe_reused"] <= 17
+    caches = record["kv_cache"]
+    assert caches["none"]["token_agreement"] == 1.0
+    assert all(2 <= caches[m]["mean_nfe"] <= 16 and 0 <= caches[m]["token_agreement"] <= 1
+               for m in ("none", "prefix", "dual"))  # at least one call per block
+    assert "ELBO ppl" in capsys.readouterr().out
+    assert text_bench.distinct_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(4 / 5)
+    sure, unsure = record["confidence"]
+    assert (sure["visible"], unsure["visible"]) == (0.95, 0.5) and unsure["masked_positions"] > sure["masked_positions"] > 0
+    assert all(0 <= row[key] <= 1 for row in (sure, unsure) for key in ("top1_accuracy", "mean_confidence"))
+    assert all(row["share_above_0.9"] <= row["share_above_0.5"] for row in (sure, unsure))
+
+
+def test_corpus_snapshot_is_byte_stable_and_required(tmp_path):
+    first, second = tmp_path / "a.json.gz", tmp_path / "b.json.gz"
+    pydoc_text.write_snapshot(first)
+    pydoc_text.write_snapshot(second)
+    assert first.read_bytes() == second.read_bytes()
+    train, valid = pydoc_text.corpus(first)
+    assert len(valid) == len(set(train + valid)) // pydoc_text.HELD_OUT_EVERY and not set(train) & set(valid)
+    shipped_train, shipped_valid = pydoc_text.corpus()
+    assert (len(shipped_train), len(shipped_valid)) == (67, 11)
+    with pytest.raises(FileNotFoundError, match="snapshot"):
+        pydoc_text.corpus(tmp_path / "missing.json.gz")
+
+
+def test_shipped_model_reproduces_its_validation_bound():
+    # the weights are part of the package: a checkout or wheel without them is broken
+    assert (pydoc_text.PYDOC_MDLM_DIR / "config.json").is_file()
+    record = json.loads((pydoc_text.PYDOC_MDLM_DIR / "training.json").read_text())
+    weights = sum(p.stat().st_size for p in pydoc_text.PYDOC_MDLM_DIR.glob("*.safetensors"))
+    assert weights < 8 * 2**20  # a few MB, in float16
+    model, tokenizer = pydoc_text.load_pydoc_mdlm()
+    assert tokenizer.mask_token_id is not None and len(tokenizer) == pydoc_text.VOCAB_SIZE
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    evaluated = pydoc_text.evaluate(model, tokenizer)
+    assert evaluated["valid_tokens"] == record["valid_tokens"]
+    assert evaluated["valid_nelbo_per_token"] == pytest.approx(record["valid_nelbo_per_token"], abs=2e-3)
+    # well below the unigram entropy of the corpus (about 5.95 nats): the model reads its context
+    assert record["valid_nelbo_per_token"] < 5.0
+
+
+def test_cli_text_uses_the_shipped_model_by_default(tmp_path, capsys):
+    path = tmp_path / "text.json"
+    assert main(["text", "--prompt", 'The "while" statement\n', "--gen-length", "32", "--block-length", "16",
+                 "--sampler", "fast-dllm:threshold=0.9", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["model"] == pydoc_text.PYDOC_MDLM_NAME and 2 <= record["nfe"] <= 32
+    assert "model calls for 32 tokens" in capsys.readouterr().out

@@ -92,15 +92,17 @@ class Ledger:
             self.comm[:] = [c for c in self.comm if c.call >= oldest]
             self.cache_bytes = {c: b for c, b in self.cache_bytes.items() if c >= oldest}
 
-    def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None) -> None:
+    def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None,
+                    denoiser_calls: int = 1) -> None:
+        """One denoiser call of ``step`` (or ``denoiser_calls=0``: a step whose output was reused whole)."""
         last = self.steps[-1] if self.steps else None
         if last is not None and last.call == call and last.step == step:
             last.seconds += seconds
-            last.denoiser_calls += 1
+            last.denoiser_calls += denoiser_calls
             if flops is not None:
                 last.flops = (last.flops or 0) + flops
             return
-        self.steps.append(StepEvent(call, step, timestep, seconds, 1, flops))
+        self.steps.append(StepEvent(call, step, timestep, seconds, denoiser_calls, flops))
 
     @property
     def calls(self) -> list[int]:
@@ -222,6 +224,11 @@ class Report:
         return sum(c.seconds for c in self.comm_by_kind.values())
 
     @property
+    def denoiser_calls(self) -> int:
+        """Calls of the whole denoiser (NFE); a batched guidance pair counts once."""
+        return sum(s.denoiser_calls for s in self.steps)
+
+    @property
     def module_calls(self) -> int:
         return sum(m.computed + m.reused + m.skipped for m in self.modules)
 
@@ -237,10 +244,9 @@ class Report:
         return (self.flops_run + (self.flops_saved or 0)) / self.flops_run
 
     def summary(self) -> str:
-        parts = [
-            f"{len(self.steps)} steps",
-            f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped",
-        ]
+        parts = [f"{len(self.steps)} steps, {self.denoiser_calls} denoiser calls"]
+        if self.modules:
+            parts.append(f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped")
         if self.flops_run is not None:
             total = self.flops_run + (self.flops_saved or 0)
             share = (self.flops_saved or 0) / total if total else 0.0

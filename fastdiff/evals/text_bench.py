@@ -58,6 +58,35 @@ def elbo_perplexity(pipe: Any, prompt_ids: torch.Tensor, generated: torch.Tensor
     return math.exp(total / passes)
 
 
+@torch.no_grad()
+def confidence_profile(pipe: Any, texts: Sequence[str] | None = None, visible: float = 0.95, seed: int = 0,
+                       chunk: int = 16) -> dict[str, float]:
+    """How sure the model is where threshold decoding asks it: every window of held-out text with
+    a share ``visible`` of its tokens shown, and at the masked positions the top-1 accuracy, the
+    mean probability of the top token, and the share of positions above 0.5 and 0.9."""
+    from ..models.pydoc_text import corpus, token_stream
+
+    generator = torch.Generator().manual_seed(seed)
+    mask_id = pipe.interface.mask_token_id
+    stream = token_stream(pipe.tokenizer, texts if texts is not None else corpus()[1])
+    length = min(pipe._max_length() or 192, 192)
+    tokens = stream[:len(stream) // length * length].reshape(-1, length)
+    masked = torch.rand(tokens.shape, generator=generator) >= visible
+    noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+    confidence, choice = [], []
+    for rows in torch.split(noisy, chunk):
+        logits = pipe.interface.logits(pipe.model, rows, None, None).double()
+        logits[..., mask_id] = float("-inf")
+        best = logits.softmax(-1).max(-1)
+        confidence.append(best.values)
+        choice.append(best.indices)
+    top, right = torch.cat(confidence)[masked], (torch.cat(choice) == tokens)[masked]
+    return {"visible": visible, "masked_positions": int(masked.sum()),
+            "top1_accuracy": round(float(right.double().mean()), 4), "mean_confidence": round(float(top.mean()), 4),
+            "share_above_0.5": round(float((top > 0.5).double().mean()), 4),
+            "share_above_0.9": round(float((top > 0.9).double().mean()), 4)}
+
+
 def distinct_ngrams(tokens: Sequence[int], n: int = 4) -> float:
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
@@ -72,7 +101,7 @@ def default_prompts(count: int) -> list[str]:
 
 
 def run(model: str, samplers: dict[str, tuple[str, int | None]], prompts: Sequence[str], gen_length: int,
-        seed: int = 0, reuse: bool = True) -> list[SamplerResult]:
+        seed: int = 0, reuse: bool = True, block_length: int | None = None) -> list[SamplerResult]:
     from ..pipelines import MaskedDiffusionLMPipeline
 
     pipe = MaskedDiffusionLMPipeline.from_pretrained(model)
@@ -82,7 +111,7 @@ def run(model: str, samplers: dict[str, tuple[str, int | None]], prompts: Sequen
         nfes, taken, perplexities, distinct = [], [], [], []
         started = time.perf_counter()
         for i, prompt in enumerate(prompts):
-            out = pipe(prompt, gen_length=gen_length, steps=steps, sampler=sampler,
+            out = pipe(prompt, gen_length=gen_length, steps=steps, sampler=sampler, block_length=block_length,
                        generator=torch.Generator().manual_seed(seed + i), reuse_unchanged=reuse, stop_at_eos=False)
             nfes.append(out.nfe)
             taken.append(out.steps)
@@ -119,16 +148,58 @@ def reuse_check(model: str, prompts: Sequence[str], gen_length: int, steps: int,
             "seconds_plain": round(seconds[False], 2), "identical_samples": identical}
 
 
+def cache_check(model: str, prompts: Sequence[str], gen_length: int, block_length: int, sampler: str,
+                seed: int = 0) -> dict[str, Any]:
+    """Fast-dLLM's key/value caches against the uncached pipeline, on the same prompts and seeds:
+    the share of generated tokens that agree, sample quality and wall time (the model is called
+    as often either way; a cached call computes fewer positions)."""
+    from ..pipelines import MaskedDiffusionLMPipeline
+
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    record: dict[str, Any] = {"sampler": sampler, "gen_length": gen_length, "block_length": block_length}
+    reference: list[torch.Tensor] = []
+    for mode in (None, "prefix", "dual"):
+        agree, nfes, perplexities, seconds = [], [], [], 0.0
+        for i, prompt in enumerate(prompts):
+            started = time.perf_counter()
+            out = pipe(prompt, gen_length=gen_length, block_length=block_length, sampler=sampler, kv_cache=mode,
+                       stop_at_eos=False, generator=torch.Generator().manual_seed(seed + i))
+            seconds += time.perf_counter() - started
+            if mode is None:
+                reference.append(out.sequences)
+            agree.append(float((out.sequences == reference[i]).float().mean()))
+            nfes.append(out.nfe)
+            prompt_ids = torch.tensor([pipe.tokenizer(prompt)["input_ids"]])
+            perplexities.append(elbo_perplexity(pipe, prompt_ids, out.sequences, seed=seed + i))
+        record[mode or "none"] = {"token_agreement": round(statistics.mean(agree), 4),
+                                  "mean_nfe": statistics.mean(nfes), "seconds": round(seconds, 2),
+                                  "elbo_perplexity": round(math.exp(statistics.mean(map(math.log, perplexities))), 3)}
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.evals.text_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="pydoc-mdlm")
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8, help="how many prompts (first lines of pydoc topics)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-length", type=int, default=None,
+                        help="decode every sampler in semi-autoregressive blocks of this many tokens "
+                             "(default: one block)")
     parser.add_argument("--sampler", action="append", default=None, metavar="LABEL=SAMPLER[@STEPS]",
-                        help="repeatable; default: one token per step (low-confidence) against threshold 0.9 and 0.7")
+                        help="repeatable; default: low-confidence with one token per step and with gen-length/4 "
+                             "steps, threshold 0.9, 0.5, 0.2, 0.1")
     parser.add_argument("--reuse-steps", type=int, default=1000,
                         help="also run MDLM ancestral sampling with this many steps, with and without reuse (0: skip)")
+    parser.add_argument("--cache-block", type=int, default=0,
+                        help="also compare the prefix and dual key/value caches with no cache, in blocks of this "
+                             "many tokens (0: skip)")
+    parser.add_argument("--cache-sampler", default="threshold:threshold=0.9",
+                        help="the sampler of the cache comparison (default: threshold 0.9)")
+    parser.add_argument("--confidence", action="store_true",
+                        help="also measure the model's confidence at masked positions of held-out pydoc text "
+                             "with 95%% of the tokens visible")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -136,7 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     samplers: dict[str, tuple[str, int | None]] = {
         "low-confidence, 1 token/step": ("low-confidence", n),
         "threshold 0.9 (Fast-dLLM)": ("threshold:threshold=0.9", None),
-        "threshold 0.7": ("threshold:threshold=0.7", None),
+        "threshold 0.5": ("threshold:threshold=0.5", None),
+        "threshold 0.2": ("threshold:threshold=0.2", None),
+        "threshold 0.1": ("threshold:threshold=0.1", None),
+        f"low-confidence, {max(n // 4, 1)} steps": ("low-confidence", max(n // 4, 1)),
     }
     if args.sampler:
         samplers = {}
@@ -144,16 +218,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             label, _, spec = item.partition("=")
             sampler, _, steps = spec.partition("@")
             samplers[label] = (sampler, int(steps) if steps else None)
-    results = run(args.model, samplers, default_prompts(args.prompts), n, args.seed)
+    results = run(args.model, samplers, default_prompts(args.prompts), n, args.seed, block_length=args.block_length)
     print(f"{'setting':34} {'model calls':>11} {'steps':>6} {'ELBO ppl':>9} {'distinct 4-grams':>17} {'s':>7}")
     for r in results:
         print(f"{r.label:34} {r.mean_nfe:>11.1f} {r.mean_steps:>6.1f} {r.elbo_perplexity:>9.2f} "
               f"{r.distinct_4grams:>17.3f} {r.seconds:>7.1f}")
     record: dict[str, Any] = {"model": args.model, "gen_length": n, "prompts": args.prompts,
+                              "block_length": args.block_length,
                               "samplers": [asdict(r) for r in results]}
     if args.reuse_steps:
         record["reuse"] = reuse_check(args.model, default_prompts(args.prompts), n, args.reuse_steps, args.seed)
         print(json.dumps(record["reuse"]))
+    if args.cache_block:
+        record["kv_cache"] = cache_check(args.model, default_prompts(args.prompts), n, args.cache_block,
+                                         args.cache_sampler, args.seed)
+        print(json.dumps(record["kv_cache"]))
+    if args.confidence:
+        from ..pipelines import MaskedDiffusionLMPipeline
+
+        pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model)
+        record["confidence"] = [confidence_profile(pipe, visible=v, seed=args.seed) for v in (0.95, 0.5)]
+        for row in record["confidence"]:
+            print(json.dumps(row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

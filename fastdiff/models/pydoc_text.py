@@ -1,7 +1,9 @@
 """``pydoc-mdlm``: a small masked diffusion language model trained on Python's own help text.
 
 The corpus is ``pydoc_data.topics`` (the text of ``help("assert")`` and friends), which ships
-with every Python. Documents are the topics in sorted order, each followed by ``<eos>``; every
+with every Python. The topics change between Python versions, so the package carries a snapshot
+of them (``data/pydoc_topics.json.gz``, written by ``snapshot``) and trains and evaluates on
+that: the model and its validation bound reproduce under any Python. Documents are the topics in sorted order, each followed by ``<eos>``; every
 seventh topic is held out for validation. A byte-level BPE tokenizer (1,024 tokens, with
 ``<pad>``, ``<mask>``, ``<eos>``) is trained on the training topics, and a 4-layer RoFormer
 (``RoFormerForMaskedLM``, no time input, as LLaDA) on windows of 192 tokens with the MDLM objective
@@ -10,6 +12,7 @@ minimises their mean cross-entropy; evaluation weights it by 1/t, which makes it
 bound on the negative log-likelihood per token (the ELBO). The exponential of that bound is the
 validation perplexity bound reported by ``evaluate``.
 
+    python -m fastdiff.models.pydoc_text snapshot   # only to refresh the corpus from this Python
     python -m fastdiff.models.pydoc_text train --out fastdiff/models/weights/pydoc-mdlm
     python -m fastdiff.models.pydoc_text evaluate
 """
@@ -17,6 +20,7 @@ validation perplexity bound reported by ``evaluate``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -30,24 +34,39 @@ import torch.nn.functional as F
 
 PYDOC_MDLM_NAME = "pydoc-mdlm"
 PYDOC_MDLM_DIR = Path(__file__).parent / "weights" / PYDOC_MDLM_NAME
+CORPUS_SNAPSHOT = Path(__file__).parent / "data" / "pydoc_topics.json.gz"
 SEQUENCE_LENGTH = 192
 HIDDEN = 192
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>")
 DEFAULT_STEPS = 3000
-LEARNING_RATE = 1.5e-3
+LEARNING_RATE = 6e-4
 HELD_OUT_EVERY = 7
 
 
-def corpus() -> tuple[list[str], list[str]]:
-    """(training topics, validation topics) of ``pydoc_data.topics``: distinct texts in the
-    order of their topic names, every ``HELD_OUT_EVERY``-th held out."""
-    from pydoc_data.topics import topics
-
+def corpus(snapshot: Path = CORPUS_SNAPSHOT) -> tuple[list[str], list[str]]:
+    """(training topics, validation topics) of the shipped ``pydoc_data.topics`` snapshot:
+    distinct texts in the order of their topic names, every ``HELD_OUT_EVERY``-th held out."""
+    if not snapshot.is_file():
+        raise FileNotFoundError(f"the pydoc corpus snapshot {snapshot} is missing; write it with "
+                                "`python -m fastdiff.models.pydoc_text snapshot`")
+    topics = json.loads(gzip.decompress(snapshot.read_bytes()))["topics"]
     texts = list(dict.fromkeys(topics[name] for name in sorted(topics)))  # some names share one text
     train = [text for i, text in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
     valid = [text for i, text in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
     return train, valid
+
+
+def write_snapshot(path: Path = CORPUS_SNAPSHOT) -> dict[str, Any]:
+    """This Python's ``pydoc_data.topics`` as the corpus (gzip-compressed JSON, byte-stable:
+    no timestamp, sorted keys)."""
+    from pydoc_data.topics import topics
+
+    record = {"python": sys.version.split()[0], "topics": dict(topics)}
+    data = json.dumps(record, sort_keys=True, ensure_ascii=False).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    return {"python": record["python"], "topics": len(topics), "bytes": path.stat().st_size}
 
 
 def train_tokenizer(texts: Sequence[str]) -> Any:
@@ -67,7 +86,7 @@ def train_tokenizer(texts: Sequence[str]) -> Any:
 def token_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -187,7 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.add_argument("--batch-size", type=int, default=16)
     evaluator = commands.add_parser("evaluate")
     evaluator.add_argument("--model", type=Path, default=PYDOC_MDLM_DIR)
+    snapshotter = commands.add_parser("snapshot", help="write this Python's pydoc topics as the corpus")
+    snapshotter.add_argument("--out", type=Path, default=CORPUS_SNAPSHOT)
     args = parser.parse_args(argv)
+    if args.command == "snapshot":
+        print(json.dumps(write_snapshot(args.out)))
+        return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "train":
         result = train(args.out, args.seed, args.steps, args.batch_size, log=lambda m: print(m, flush=True))

@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import time as clock
+
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..core.ledger import Ledger, Report
 from ..schedulers.masked_diffusion import MaskedDiffusionScheduler, sampler_name
 from ..schedulers.noise_schedules import sigma
 from .model_interface import interface_for
@@ -58,14 +61,16 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         self.register_to_config(mask_token_id=interface.mask_token_id, shift_logits=interface.shift_logits,
                                 time_input=interface.time_input)
         self.interface = interface
+        self.ledger = Ledger()  # per step: model called (1) or logits reused (0), and the time it took
+        self._call_index = -1
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Any, *args: Any, sampler: str | None = None,
                         trust_remote_code: bool = False, **kwargs: Any) -> MaskedDiffusionLMPipeline:
         """A built-in name (``pydoc-mdlm``), a saved pipeline folder (``model_index.json``), or a
         transformers model folder or hub id (masked LM or remote-code diffusion LM, with its
-        tokenizer). ``sampler``: the scheduler's sampler (with options, ``"threshold:threshold=0.8"``)
-        when the folder has no scheduler of its own."""
+        tokenizer). ``sampler``: the scheduler's sampler (with options, ``"threshold:threshold=0.8"``);
+        for a saved pipeline it replaces the saved sampler and keeps the rest of its config."""
         import os
 
         from ..models.pydoc_text import PYDOC_MDLM_NAME, load_pydoc_mdlm
@@ -75,7 +80,10 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             model, tokenizer = load_pydoc_mdlm(dtype=kwargs.pop("torch_dtype", None) or torch.float32)
             return cls(model, tokenizer, _scheduler(sampler), **kwargs)
         if os.path.isfile(os.path.join(name, "model_index.json")):
-            return super().from_pretrained(name, *args, **kwargs)
+            pipe = super().from_pretrained(name, *args, **kwargs)
+            if sampler is not None:
+                pipe.scheduler = pipe._scheduler_for(sampler, {})
+            return pipe
         from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
         dtype = kwargs.pop("torch_dtype", None)
@@ -170,8 +178,13 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         elif cache.logits is None:  # the block's first call: refresh
             raw = cache.refresh(forward, ids, mask)
         else:
-            raw = cache.step(forward, ids, mask, (mask.cumsum(-1) - 1).clamp_min(0))
+            raw = cache.step(forward, ids, mask, self.interface.positions(mask))
         return self._guided(raw, cfg_scale)
+
+    def report(self, call: int | None = -1) -> Report:
+        """What the last call (or ``call``; all with ``None``) did per step: a model call or reused
+        logits, and the time; ``report().denoiser_calls`` is the NFE."""
+        return self.ledger.report(call)
 
     @staticmethod
     def _guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -220,9 +233,10 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
         if kv_cache is not None and kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES} or None, got {kv_cache!r}")
-        if kv_cache == "dual" and not self.interface.takes_position_ids:
-            raise ValueError(f"kv_cache='dual' needs a model that takes position_ids (the block is computed after the "
-                             f"cached suffix); {type(self.model).__name__} does not: use kv_cache='prefix'")
+        if kv_cache == "dual" and not self.interface.places_tokens:
+            raise ValueError(f"kv_cache='dual' needs a model that takes position_ids or has a rotary table that does "
+                             f"(the block is computed after the cached suffix); {type(self.model).__name__} has "
+                             f"neither: use kv_cache='prefix'")
         if kv_cache is not None and not self.interface.takes_cache:
             raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed as "
                              f"past_key_values; {type(self.model).__name__}.forward takes no past_key_values")
@@ -248,6 +262,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         reuse = reuse_unchanged and self.interface.time_input is None
         eos = getattr(self.tokenizer, "eos_token_id", None)
         nfe = taken = 0
+        self._call_index += 1
+        self.ledger.start_call(self._call_index)
         per_sequence = torch.zeros(batch, dtype=torch.long, device=self.device)
         seen: torch.Tensor | None = None
         logits: torch.Tensor | None = None
@@ -267,6 +283,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                         break
                     changed = torch.ones(batch, dtype=torch.bool, device=self.device) if seen is None or not reuse \
                         else (seen != canvas).any(1)
+                    started = clock.perf_counter()
                     if bool(changed.any()):
                         if cache is not None or bool(changed.all()):
                             rows = None
@@ -281,6 +298,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                             logits[rows] = fresh
                         seen, nfe = canvas.clone(), nfe + 1
                         per_sequence += changed.long()
+                    self.ledger.record_step(self._call_index, taken, float(t.max()), clock.perf_counter() - started,
+                                            None, denoiser_calls=int(bool(changed.any())))
                     out = schedule.step(logits, t, canvas, active=active, generator=generator)
                     canvas, t = out.prev_sample, out.next_timestep
                     taken += 1

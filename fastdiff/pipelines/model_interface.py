@@ -32,6 +32,20 @@ class ModelInterface:
     takes_attention_mask: bool = True
     takes_position_ids: bool = False
     takes_cache: bool = False
+    rotary_table: str | None = None  # submodule whose forward takes position_ids when the model's does not
+
+    @property
+    def places_tokens(self) -> bool:
+        """Whether tokens given after a cache can be put at chosen positions (the dual cache needs it)."""
+        return self.takes_position_ids or self.rotary_table is not None
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each canvas position in the model's own frame: counted from the first real token for
+        models that take ``position_ids``; the canvas index for rotary models, which see only
+        relative positions and were run on the padded canvas as it is."""
+        if self.takes_position_ids:
+            return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
 
     def __post_init__(self) -> None:
         if self.time_input not in TIME_INPUTS:
@@ -55,13 +69,44 @@ class ModelInterface:
             kwargs["past_key_values"] = past_key_values
         if self.time_input is not None:
             kwargs["timesteps"] = time
-        output = model(input_ids, **kwargs)
+        if position_ids is not None and not self.takes_position_ids and self.rotary_table is not None:
+            output = self._with_rotary_positions(model, position_ids, input_ids, kwargs)
+        else:
+            output = model(input_ids, **kwargs)
         logits = getattr(output, "logits", None)
         if logits is None:
             logits = output[0] if isinstance(output, (tuple, list)) else output
         if self.shift_logits:  # position i's prediction sits at i - 1
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
+
+
+    def _with_rotary_positions(self, model: torch.nn.Module, position_ids: torch.Tensor, input_ids: torch.Tensor,
+                               kwargs: dict[str, Any]) -> Any:
+        """Call ``model`` with its rotary table looked up at ``position_ids`` instead of right after
+        the cache (RoFormer's encoder asks its table for positions past the cache length)."""
+        if not bool((position_ids == position_ids[:1]).all()):
+            raise ValueError("a rotary model's position_ids must be the same in every row (canvas indices)")
+        table = model.get_submodule(str(self.rotary_table))
+
+        def place(module: torch.nn.Module, args: tuple, table_kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+            return args, {**table_kwargs, "position_ids": position_ids[0]}
+
+        handle = table.register_forward_pre_hook(place, with_kwargs=True)
+        try:
+            return model(input_ids, **kwargs)
+        finally:
+            handle.remove()
+
+
+def _rotary_table(model: torch.nn.Module) -> str | None:
+    """The path of a sinusoidal/rotary position table whose forward takes ``position_ids``
+    (RoFormer's), so a model without that argument can still place tokens given after a cache."""
+    for name, module in model.named_modules():
+        if name and type(module).__name__.endswith("SinusoidalPositionalEmbedding") \
+                and _accepts(module, "position_ids"):
+            return name
+    return None
 
 
 def _accepts(model: torch.nn.Module, name: str, via_kwargs: bool = False) -> bool:
@@ -102,4 +147,5 @@ def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_i
         takes_attention_mask=_accepts(model, "attention_mask"),
         takes_position_ids=_accepts(model, "position_ids"),
         takes_cache=_accepts(model, "past_key_values", via_kwargs=True),
+        rotary_table=None if _accepts(model, "position_ids") else _rotary_table(model),
     )

@@ -5,8 +5,9 @@ and values are kept (a transformers ``DynamicCache``). The following steps of th
 the model only on the positions that change: the block and everything after it (``prefix``),
 or the block alone (``dual``). The other positions' keys and values come from the cache.
 Attention is bidirectional, so the cached keys may come first. The new tokens' positions are
-passed as ``position_ids``. Models with rotary positions and no ``position_ids`` argument
-(RoFormer) place new tokens right after the cache, which is right for ``prefix`` only.
+passed as ``position_ids``. RoFormer takes no ``position_ids`` and would place new tokens right
+after the cache (right for ``prefix`` only), so its rotary table is asked for the canvas
+positions instead (:class:`~fastdiff.pipelines.model_interface.ModelInterface`).
 
 This is approximate. Cached positions do not see the block's new tokens until the next block
 refreshes the cache. At the refresh step itself the logits are exactly the full model's, which
