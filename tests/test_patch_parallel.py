@@ -251,7 +251,8 @@ def test_processes_with_different_prompts_are_refused():
 
 def test_launchers_run_the_cli(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3", "--method", "patch:mode=pcpp"]
+    common = ["-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3", "--method", "patch:mode=pcpp",
+              "--device", "cpu"]  # gloo on the CPU also where a GPU is present
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
                 "--out", str(tmp_path / "torchrun.png")]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -366,10 +367,30 @@ def test_bench_parallel_compares_with_one_process(tmp_path, capsys):
 
     path = tmp_path / "parallel.json"
     assert main(["bench", "--model", "tiny-sd", "--steps", "3", "--parallel", "2", "--threads", "1", "--repeats", "1",
-                 "--method", "patch:mode=sync,split_guidance=false", "--variant", "patch:mode=pcpp,split_guidance=false", "--json", str(path)]) == 0
+                 "--device", "cpu", "--method", "patch:mode=sync,split_guidance=false", "--variant", "patch:mode=pcpp,split_guidance=false", "--json", str(path)]) == 0
     runs = json.loads(path.read_text())["runs"]
     assert [r["processes"] for r in runs] == [1, 2, 2]
     sync, pcpp = runs[1], runs[2]
     assert sync["max_abs_diff"] <= 1e-5 and pcpp["max_abs_diff"] > 0
     assert sync["bytes_sent_per_step"]["attention"] > pcpp["bytes_sent_per_step"]["attention"] > 0
     assert "MiB sent per step by layer type" in capsys.readouterr().out
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from fastdiff.parallel.group import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert process_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # NCCL would fail with "Duplicate GPU detected"
+    with pytest.raises(ValueError, match=r"no GPU of its own: 1 GPU\(s\) here.*--device cpu"):
+        process_device()
+    assert process_device("cpu") == torch.device("cpu")  # a CPU pipeline runs over gloo instead
+
+    from fastdiff.evals.parallel_bench import parallel_benchmark
+    from fastdiff.runner import GenerationRequest
+
+    with pytest.raises(ValueError, match=r"--parallel: 2 processes on GPUs: 1 GPU\(s\) here"):
+        parallel_benchmark("tiny-sd", GenerationRequest(prompt="a"), {"p": ["patch"]}, 2)

@@ -43,6 +43,16 @@ def test_objective_bounds_and_trains(tokenizer):
     assert evaluated["valid_perplexity_bound"] > 1 and evaluated["valid_tokens"] % pydoc_text.SEQUENCE_LENGTH == 0
 
 
+def test_larger_variants_keep_whole_heads(tokenizer):
+    wide = pydoc_text.build_model(tokenizer, hidden=96, layers=1)
+    assert wide.config.num_attention_heads == 2 and wide(torch.zeros(1, 8, dtype=torch.long)).logits.shape[1] == 8
+    for hidden in (0, 100, 512):  # 512 would give heads 51.2 channels wide, which rotary positions cannot pair
+        with pytest.raises(ValueError, match="hidden: must be a positive multiple of 48"):
+            pydoc_text.build_model(tokenizer, hidden=hidden)
+    with pytest.raises(ValueError, match="layers: must be >= 1"):
+        pydoc_text.build_model(tokenizer, layers=0)
+
+
 @pytest.fixture
 def saved_pipe(tokenizer, tmp_path):
     """A one-layer BERT pipeline saved to disk, as a user's own folder would be."""

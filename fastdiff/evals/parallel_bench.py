@@ -20,7 +20,7 @@ import torch
 
 from ..core.accelerator import apply
 from ..core.method import parse_method
-from ..parallel.group import launched_device
+from ..parallel.group import check_processes_fit, launched_device
 from ..parallel.patch_parallel import PatchParallel
 from ..runner import GenerationRequest, call_kwargs, load
 from .bench import psnr
@@ -100,6 +100,7 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
         raise ValueError(f"--parallel: needs at least 2 processes to compare with one, got {processes}")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads: must be >= 1, got {threads}")
+    check_processes_fit(processes, device)
     for label, specs in settings.items():
         if sum(isinstance(parse_method(s), PatchParallel) for s in specs) != 1:
             raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")

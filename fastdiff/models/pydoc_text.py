@@ -37,6 +37,8 @@ PYDOC_MDLM_DIR = Path(__file__).parent / "weights" / PYDOC_MDLM_NAME
 CORPUS_SNAPSHOT = Path(__file__).parent / "data" / "pydoc_topics.json.gz"
 SEQUENCE_LENGTH = 192
 HIDDEN = 192
+LAYERS = 4
+HEAD_WIDTH = 48
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<eos>")
 DEFAULT_STEPS = 3000
@@ -90,15 +92,22 @@ def token_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+def build_model(tokenizer: Any, seed: int = 0, hidden: int = HIDDEN, layers: int = LAYERS) -> torch.nn.Module:
     """A RoFormer (BERT with rotary positions): with learned absolute positions a model this small
     stays at the unigram plateau for thousands of steps on this corpus, while rotary positions
     let attention find the neighbouring tokens at once."""
     from transformers import RoFormerConfig, RoFormerForMaskedLM
 
+    if hidden < HEAD_WIDTH or hidden % HEAD_WIDTH:
+        # rotary positions rotate pairs of channels, so every head needs the same, even width
+        raise ValueError(f"hidden: must be a positive multiple of {HEAD_WIDTH} (the width of one attention head), "
+                         f"got {hidden}")
+    if layers < 1:
+        raise ValueError(f"layers: must be >= 1, got {layers}")
     torch.manual_seed(seed)
-    config = RoFormerConfig(vocab_size=len(tokenizer), embedding_size=HIDDEN, hidden_size=HIDDEN, num_hidden_layers=4,
-                            num_attention_heads=4, intermediate_size=4 * HIDDEN, max_position_embeddings=256,
+    config = RoFormerConfig(vocab_size=len(tokenizer), embedding_size=hidden, hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=hidden // HEAD_WIDTH, intermediate_size=4 * hidden,
+                            max_position_embeddings=256,
                             type_vocab_size=1, pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.1,
                             attention_probs_dropout_prob=0.1)
     return RoFormerForMaskedLM(config)
@@ -114,6 +123,7 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: torch.Tensor, mask_id: 
     offset = torch.rand((), generator=generator)
     t = ((offset + torch.arange(size) / size) % 1.0).clamp_min(1e-3)
     masked = torch.rand(batch.shape, generator=generator) < t.unsqueeze(1)
+    t, masked = t.to(batch.device), masked.to(batch.device)  # drawn on the CPU: the same draws on any device
     noisy = torch.where(masked, torch.full_like(batch, mask_id), batch)
     logits = model(noisy).logits.float()
     logits[..., mask_id] = float("-inf")  # the mask is never a prediction
@@ -128,22 +138,27 @@ def _windows(stream: torch.Tensor, count: int, generator: torch.Generator) -> to
     return torch.stack([stream[s:s + SEQUENCE_LENGTH] for s in starts.tolist()])
 
 
-def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 16, log: Any = print) -> dict:
+def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int = 16, log: Any = print,
+          hidden: int = HIDDEN, layers: int = LAYERS, learning_rate: float = LEARNING_RATE,
+          device: str = "cpu") -> dict:
+    """The shipped model with the defaults. ``hidden``/``layers``/``device`` train larger variants
+    (on a GPU) to see what model strength buys the samplers; they are not the shipped model."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     train_texts, valid_texts = corpus()
     tokenizer = train_tokenizer(train_texts)
     stream = token_stream(tokenizer, train_texts)
     log(f"corpus: {len(train_texts)} training topics, {len(stream)} tokens; vocabulary {len(tokenizer)}")
-    model = build_model(tokenizer, seed)
+    model = build_model(tokenizer, seed, hidden, layers).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
     schedule = get_cosine_schedule_with_warmup(optimizer, 200, steps)
     generator = torch.Generator().manual_seed(seed)
     mask_id = tokenizer.mask_token_id
     started, running = time.perf_counter(), []
     for step in range(steps):
-        loss = masked_diffusion_loss(model, _windows(stream, batch_size, generator), mask_id, generator, elbo=False)
+        loss = masked_diffusion_loss(model, _windows(stream, batch_size, generator).to(device), mask_id, generator,
+                                     elbo=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -156,11 +171,13 @@ def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
             running = []
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
-    model.half().save_pretrained(out)  # float16 on disk (a few MB); loaded as float32
+    model.cpu().half().save_pretrained(out)  # float16 on disk (a few MB); loaded as float32
     tokenizer.save_pretrained(out)
     model.float()
     result = {"train_seconds": round(time.perf_counter() - started), "steps": steps, "batch_size": batch_size,
-              "seed": seed, "python": sys.version.split()[0], **evaluate(model, tokenizer, valid_texts)}
+              "seed": seed, **({"hidden": hidden, "layers": layers, "learning_rate": learning_rate, "device": device}
+                               if (hidden, layers, learning_rate, device) != (HIDDEN, LAYERS, LEARNING_RATE, "cpu")
+                               else {}), "python": sys.version.split()[0], **evaluate(model, tokenizer, valid_texts)}
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -204,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     trainer.add_argument("--batch-size", type=int, default=16)
+    trainer.add_argument("--hidden", type=int, default=HIDDEN, help="width (a larger variant; not the shipped model)")
+    trainer.add_argument("--layers", type=int, default=LAYERS)
+    trainer.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    trainer.add_argument("--device", default="cpu")
     evaluator = commands.add_parser("evaluate")
     evaluator.add_argument("--model", type=Path, default=PYDOC_MDLM_DIR)
     snapshotter = commands.add_parser("snapshot", help="write this Python's pydoc topics as the corpus")
@@ -214,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "train":
-        result = train(args.out, args.seed, args.steps, args.batch_size, log=lambda m: print(m, flush=True))
+        result = train(args.out, args.seed, args.steps, args.batch_size, log=lambda m: print(m, flush=True),
+                       hidden=args.hidden, layers=args.layers, learning_rate=args.learning_rate, device=args.device)
     else:
         model, tokenizer = load_pydoc_mdlm(args.model)
         result = evaluate(model, tokenizer)

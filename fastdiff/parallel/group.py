@@ -33,13 +33,32 @@ def launched_world_size() -> int:
         return 1
 
 
+def _cpu_requested(requested: str) -> bool:
+    return requested.startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def process_device(requested: str = "auto") -> torch.device:
     """The device this process computes on: its own GPU (``LOCAL_RANK``) when CUDA is usable and
     not declined (``requested="cpu"``, or accelerate's ``ACCELERATE_USE_CPU``)."""
-    declined = requested.startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if torch.cuda.is_available() and not declined:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
+    if not torch.cuda.is_available() or _cpu_requested(requested):
+        return torch.device("cpu")
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if launched_world_size() > 1 and local_rank >= gpus:
+        # two processes on one GPU would make NCCL fail with "Duplicate GPU detected"
+        raise ValueError(f"process {local_rank} of this machine has no GPU of its own: {_gpu_shortage(gpus)}")
+    return torch.device("cuda", local_rank if launched_world_size() > 1 else torch.cuda.current_device())
+
+
+def _gpu_shortage(gpus: int) -> str:
+    return (f"{gpus} GPU(s) here, and patch parallelism on GPUs needs one per process; start at most {gpus} "
+            "process(es) per machine, or put the pipeline on the CPU (--device cpu) to run every process there "
+            "over gloo")
+
+
+def check_processes_fit(processes: int, requested: str = "auto") -> None:
+    """Refuse, before anything is started, a local launch with more GPU processes than GPUs."""
+    if torch.cuda.is_available() and not _cpu_requested(requested) and processes > torch.cuda.device_count():
+        raise ValueError(f"--parallel: {processes} processes on GPUs: {_gpu_shortage(torch.cuda.device_count())}")
 
 
 def launched_device(requested: str = "auto") -> str:

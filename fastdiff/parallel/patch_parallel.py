@@ -157,6 +157,15 @@ class PatchParallel(Method):
             self._group = process_group(self.timeout)
         return self._group
 
+    def _join(self, denoiser: torch.nn.Module) -> ProcessGroup:
+        """The group, joined on the denoiser's side: a pipeline on the CPU exchanges over gloo even
+        where CUDA is there, one on a GPU over NCCL."""
+        if self._group is None:
+            parameter = next(denoiser.parameters(), None)
+            where = "cpu" if parameter is None or parameter.device.type == "cpu" else "auto"
+            self._group = process_group(self.timeout, requested=where)
+        return self._group
+
     # -- the Method contract ----------------------------------------------------------------
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         return []  # claims nothing: its layers sit inside whatever other methods reuse or skip
@@ -171,7 +180,7 @@ class PatchParallel(Method):
                 f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL) and patch-embedding transformers (DiT, "
                 f"PixArt); {type(denoiser).__name__} is neither"
             )
-        if self.group.world_size == 1:
+        if self._join(denoiser).world_size == 1:
             global _WARNED_ONE_PROCESS
             if self.split_guidance and not _WARNED_ONE_PROCESS:
                 _WARNED_ONE_PROCESS = True
