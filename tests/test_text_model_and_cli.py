@@ -97,6 +97,7 @@ def test_text_bench_counts_calls_and_compares_caches(saved_pipe, tmp_path, capsy
                for m in ("none", "prefix", "dual"))  # at least one call per block
     assert "ELBO ppl" in capsys.readouterr().out
     assert text_bench.distinct_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(4 / 5)
+    assert record["seeds"] == [0] and "samplers_per_seed" not in record
     sure, unsure = record["confidence"]
     assert (sure["visible"], unsure["visible"]) == (0.95, 0.5) and unsure["masked_positions"] > sure["masked_positions"] > 0
     assert all(0 <= row[key] <= 1 for row in (sure, unsure) for key in ("top1_accuracy", "mean_confidence"))
@@ -139,3 +140,25 @@ def test_cli_text_uses_the_shipped_model_by_default(tmp_path, capsys):
     record = json.loads(path.read_text())
     assert record["model"] == pydoc_text.PYDOC_MDLM_NAME and 2 <= record["nfe"] <= 32
     assert "model calls for 32 tokens" in capsys.readouterr().out
+
+
+def test_text_bench_over_seeds_at_one_temperature(saved_pipe, tmp_path):
+    from fastdiff.evals import text_bench
+
+    path = tmp_path / "bench.json"
+    assert text_bench.main(["--model", str(saved_pipe), "--gen-length", "8", "--prompts", "2", "--reuse-steps", "0",
+                            "--seeds", "2", "--temperature", "1", "--sampler", "one=low-confidence@8",
+                            "--sampler", "fast=threshold:threshold=0.5", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["seeds"] == [0, 1000] and record["temperature"] == 1
+    assert [r["sampler"] for r in record["samplers"]] == ["low-confidence:temperature=1",
+                                                          "threshold:threshold=0.5,temperature=1"]
+    first, second = record["samplers_per_seed"]
+    for mean, a, b in zip(record["samplers"], first, second):
+        assert mean["mean_nfe"] == pytest.approx((a["mean_nfe"] + b["mean_nfe"]) / 2)
+        assert mean["elbo_perplexity"] == pytest.approx((a["elbo_perplexity"] * b["elbo_perplexity"]) ** 0.5)
+    assert first[0]["mean_nfe"] == 8 and 1 <= first[1]["mean_nfe"] <= 8
+    with pytest.raises(SystemExit):
+        text_bench.main(["--model", str(saved_pipe), "--seeds", "0"])
+    with pytest.raises(SystemExit):
+        text_bench.main(["--model", str(saved_pipe), "--temperature", "-1"])

@@ -125,6 +125,23 @@ def run(model: str, samplers: dict[str, tuple[str, int | None]], prompts: Sequen
     return results
 
 
+def with_option(sampler: str, option: str) -> str:
+    """``"threshold:threshold=0.1"`` + ``"temperature=1"`` -> ``"threshold:threshold=0.1,temperature=1"``."""
+    name, _, options = sampler.partition(":")
+    return f"{name}:{options},{option}" if options else f"{name}:{option}"
+
+
+def mean_over_seeds(per_seed: Sequence[Sequence[SamplerResult]]) -> list[SamplerResult]:
+    """Each sampler's calls and times averaged over the seeds, its perplexity as a geometric mean
+    (every seed's value already is one, over its prompts)."""
+    return [SamplerResult(rows[0].label, rows[0].sampler, rows[0].steps,
+                          statistics.mean(r.mean_nfe for r in rows), statistics.mean(r.mean_steps for r in rows),
+                          statistics.mean(r.seconds for r in rows),
+                          math.exp(statistics.mean(math.log(r.elbo_perplexity) for r in rows)),
+                          statistics.mean(r.distinct_4grams for r in rows))
+            for rows in zip(*per_seed)]
+
+
 def reuse_check(model: str, prompts: Sequence[str], gen_length: int, steps: int, seed: int = 0) -> dict[str, Any]:
     """MDLM ancestral sampling with many steps, with and without reusing unchanged steps' logits."""
     from ..pipelines import MaskedDiffusionLMPipeline
@@ -184,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gen-length", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=8, help="how many prompts (first lines of pydoc topics)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="repeat the sampler comparison with this many seeds (seed, seed+1000, ...) and report "
+                             "each and their mean: one seed's few prompts can move the quality by 10 %%")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature for every compared sampler (default: each sampler's own: 0 for "
+                             "low-confidence and threshold, 1 for the others)")
     parser.add_argument("--block-length", type=int, default=None,
                         help="decode every sampler in semi-autoregressive blocks of this many tokens "
                              "(default: one block)")
@@ -218,14 +241,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             label, _, spec = item.partition("=")
             sampler, _, steps = spec.partition("@")
             samplers[label] = (sampler, int(steps) if steps else None)
-    results = run(args.model, samplers, default_prompts(args.prompts), n, args.seed, block_length=args.block_length)
+    if args.temperature is not None:
+        if args.temperature < 0:
+            parser.error(f"--temperature: must be >= 0, got {args.temperature}")
+        samplers = {label: (with_option(sampler, f"temperature={args.temperature:g}"), steps)
+                    for label, (sampler, steps) in samplers.items()}
+    if args.seeds < 1:
+        parser.error(f"--seeds: must be >= 1, got {args.seeds}")
+    per_seed = [run(args.model, samplers, default_prompts(args.prompts), n, args.seed + 1000 * k,
+                    block_length=args.block_length) for k in range(args.seeds)]
+    results = per_seed[0] if args.seeds == 1 else mean_over_seeds(per_seed)
     print(f"{'setting':34} {'model calls':>11} {'steps':>6} {'ELBO ppl':>9} {'distinct 4-grams':>17} {'s':>7}")
-    for r in results:
-        print(f"{r.label:34} {r.mean_nfe:>11.1f} {r.mean_steps:>6.1f} {r.elbo_perplexity:>9.2f} "
-              f"{r.distinct_4grams:>17.3f} {r.seconds:>7.1f}")
+    for rows, title in [*((rows, f"seed {args.seed + 1000 * k}") for k, rows in enumerate(per_seed)
+                          if args.seeds > 1), (results, f"mean of {args.seeds} seeds" if args.seeds > 1 else "")]:
+        if title:
+            print(f"-- {title}")
+        for r in rows:
+            print(f"{r.label:34} {r.mean_nfe:>11.1f} {r.mean_steps:>6.1f} {r.elbo_perplexity:>9.2f} "
+                  f"{r.distinct_4grams:>17.3f} {r.seconds:>7.1f}")
     record: dict[str, Any] = {"model": args.model, "gen_length": n, "prompts": args.prompts,
-                              "block_length": args.block_length,
-                              "samplers": [asdict(r) for r in results]}
+                              "block_length": args.block_length, "temperature": args.temperature,
+                              "seeds": [args.seed + 1000 * k for k in range(args.seeds)],
+                              "samplers": [asdict(r) for r in results],
+                              **({"samplers_per_seed": [[asdict(r) for r in rows] for rows in per_seed]}
+                                 if args.seeds > 1 else {})}
     if args.reuse_steps:
         record["reuse"] = reuse_check(args.model, default_prompts(args.prompts), n, args.reuse_steps, args.seed)
         print(json.dumps(record["reuse"]))
