@@ -394,3 +394,17 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 
     with pytest.raises(ValueError, match=r"--parallel: 2 processes on GPUs: 1 GPU\(s\) here"):
         parallel_benchmark("tiny-sd", GenerationRequest(prompt="a"), {"p": ["patch"]}, 2)
+
+
+def test_the_group_is_joined_on_the_denoisers_side(monkeypatch):
+    """A CPU pipeline on a CUDA machine must exchange over gloo, not claim a GPU for NCCL."""
+    import fastdiff.parallel.patch_parallel as patch_parallel
+
+    asked = []
+    monkeypatch.setattr(patch_parallel, "process_group", lambda timeout, requested: asked.append(requested) or requested)
+    assert fastdiff.PatchParallel()._join(torch.nn.Linear(2, 2)) == "cpu"
+    assert fastdiff.PatchParallel()._join(torch.nn.Linear(2, 2, device="meta")) == "auto"  # any accelerator
+    method = fastdiff.PatchParallel()
+    method._join(torch.nn.Linear(2, 2))
+    method._join(torch.nn.Linear(2, 2))
+    assert asked == ["cpu", "auto", "cpu"]  # joined once per method
