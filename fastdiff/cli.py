@@ -3,29 +3,63 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 # transformers announces, once per image-processor class, that it falls back to PIL when
 # torchvision is absent (always, with the CPU torch); on a command line that is only noise.
 logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 from . import __version__  # noqa: E402
+from .cli_checks import (  # noqa: E402
+    UsageError,
+    check_input_file,
+    check_input_folder,
+    check_output_file,
+    check_output_folder,
+    float_range,
+    int_at_least,
+    multiple_of_8,
+    one_line,
+)
 from .core.accelerator import apply  # noqa: E402
 from .core.method import METHODS, Method, parse_method  # noqa: E402
 from .cli_text import add_text_parser  # noqa: E402
 from .models import BUILTIN_MODELS  # noqa: E402
 
 DEFAULT_MODEL = "digits"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (no usage block): ``fastdiff generate: error: ...``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _method(spec: str) -> Method:
+    """A method spec, checked whole at parse time (names, values, and files it names)."""
     try:
         return parse_method(spec)
-    except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
+
+
+def _device(text: str) -> str:
+    from .runner import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(one_line(str(exc).removeprefix("device: "))) from None
+    return text
 
 
 def _variant(spec: str) -> list[Method]:
@@ -42,7 +76,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, methods: bool = True) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local folder or hub id "
                              f"(default: {DEFAULT_MODEL})")
@@ -50,21 +84,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="text prompt, or class name/index for class-conditional models "
                              "(default: the built-in model's example prompt)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--guidance-scale", type=float, default=None)
-    parser.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
-                        help=f"acceleration, repeatable: name[:key=value,...]; methods: {', '.join(sorted(METHODS))}")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    parser.add_argument("--steps", type=int_at_least(1), default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--height", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
+    parser.add_argument("--width", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
+    parser.add_argument("--guidance-scale", type=float_range(0), default=None)
+    if methods:
+        parser.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
+                            help=f"acceleration, repeatable: name[:key=value,...]; methods: {', '.join(sorted(METHODS))}")
+    parser.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastdiff", description="Faster diffusion sampling for diffusers pipelines.")
+    parser = Parser(prog="fastdiff", description="Faster diffusion sampling for diffusers pipelines.")
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices  # type: ignore[attr-defined]
 
     gen = commands.add_parser("generate", help="generate an image with a pipeline, accelerated")
     _common(gen)
@@ -74,23 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time vanilla vs accelerated side by side in one process")
     _common(bench)
-    bench.add_argument("--warmup", type=int, default=1)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls first (default 1)")
+    bench.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls of each (default 3)")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON result")
     parallel = bench.add_argument_group("patch parallelism")
-    parallel.add_argument("--parallel", type=int, default=None, metavar="N",
+    parallel.add_argument("--parallel", type=int_at_least(2), default=None, metavar="N",
                           help="compare one process with N processes started by the harness (the --method list, "
                                "which must include one patch:... method, and each --variant)")
-    parallel.add_argument("--threads", type=int, default=None, help="torch threads per process (equal compute per process)")
+    parallel.add_argument("--threads", type=int_at_least(1), default=None,
+                          help="torch threads per process (equal compute per process)")
     quality = bench.add_argument_group("quality (digits model)")
     quality.add_argument("--quality", action="store_true",
                          help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
     quality.add_argument("--variant", type=_variant, action="append", default=[], metavar="SPEC[+SPEC]",
                          help="another method setting to compare, repeatable; '+' composes methods")
-    quality.add_argument("--samples", type=int, default=1000, help="images per setting (default 1000)")
-    quality.add_argument("--baseline-steps", type=_int_list, default=[10, 20, 30],
+    quality.add_argument("--samples", type=int_at_least(2), default=None, help="images per setting (default 1000)")
+    quality.add_argument("--baseline-steps", type=_int_list, default=None,
                          help="vanilla step counts for the baseline curve (default 10,20,30)")
-    quality.add_argument("--batch-size", type=int, default=250)
+    quality.add_argument("--batch-size", type=int_at_least(1), default=None, help="images per call (default 250)")
     quality.add_argument("--plot", default=None, help="speed-quality plot PNG (default: next to --json)")
     _fid_parser(commands)
     _calibrate_parser(commands)
@@ -105,12 +142,14 @@ def _calibrate_parser(commands: argparse._SubParsersAction) -> None:
                     "records each block's change per step, prints the schedule and writes the calibration; "
                     "use it with --method blockcache:calibration=FILE,threshold=... or budget=...",
     )
-    _common(cal)
+    _common(cal, methods=False)  # it measures Block Caching; the options below set it
     choice = cal.add_mutually_exclusive_group()
-    choice.add_argument("--threshold", type=float, default=None, help="δ: accumulated change before recomputing")
-    choice.add_argument("--budget", type=float, default=None, help="share of block evaluations to keep, (0, 1]")
-    cal.add_argument("--granularity", default="layer", help="layer, attention or block")
-    cal.add_argument("--cache", default="residual", help="residual or output")
+    choice.add_argument("--threshold", type=float_range(0), default=None,
+                        help="δ: accumulated change before recomputing")
+    choice.add_argument("--budget", type=float_range(0, 1, low_open=True), default=None,
+                        help="share of block evaluations to keep, (0, 1]")
+    cal.add_argument("--granularity", choices=("layer", "attention", "block"), default="layer")
+    cal.add_argument("--cache", choices=("residual", "output"), default="residual")
     cal.add_argument("--align", action="store_true", help="also fit the per-channel scale/shift of cached values")
     cal.add_argument("--out", default="calibration.json", help="where to write the calibration")
     cal.add_argument("--plot", default=None, help="also plot the per-block change curves (PNG)")
@@ -125,12 +164,60 @@ def _request(args: argparse.Namespace):
     ).with_model_defaults(args.model)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .parallel.group import is_main_process, launched_device
-    from .runner import generate, load, prepare_methods
+def _image_suffixes() -> list[str]:
+    from PIL import Image
 
+    Image.init()
+    return [ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE]
+
+
+def check_model_argument(model: str, argument: str = "--model", builtins: Sequence[str] = BUILTIN_MODELS) -> None:
+    """A ``--model`` that is meant as a path must be a folder; hub ids are left to the loader."""
+    from .models.builtin import looks_like_path
+
+    if model in builtins:
+        return
+    choices = f"give a built-in name ({', '.join(builtins)}), a folder saved with save_pretrained, or a hub id"
+    path = Path(os.path.expanduser(model))
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{argument}: {model!r} is a file; {choices}")
+    if not path.exists() and looks_like_path(model):
+        raise UsageError(f"{argument}: no such folder {model!r}; {choices}")
+
+
+def _load(args: argparse.Namespace, device: str | None = None):
+    from .models import ModelLoadError
+    from .runner import load
+
+    try:
+        return load(args.model, device or args.device, args.dtype)
+    except ModelLoadError as exc:
+        raise UsageError(f"--model: {exc}") from None
+
+
+def _check_patches(pipe, methods: list[Method], request, world_size: int) -> str | None:
+    """Under a launcher: refuse a patch split the latent cannot hold before the first denoiser call."""
+    from .parallel import PatchParallel
+
+    for method in methods:
+        if isinstance(method, PatchParallel):
+            try:
+                return method.describe_split(pipe, world_size, height=request.height,
+                                             guidance_scale=request.guidance_scale)
+            except ValueError as exc:
+                raise UsageError(f"--method {method.spec()}: {world_size} processes: {exc}") from None
+    return None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .parallel.group import is_main_process, launched_device, launched_world_size
+    from .runner import generate, prepare_methods
+
+    check_output_file("--out", args.out, _image_suffixes(), "an image format Pillow writes (.png, .jpg, .webp, ...)")
+    check_model_argument(args.model)
     request = _request(args)
-    pipe = load(args.model, launched_device(args.device), args.dtype)
+    pipe = _load(args, launched_device(args.device))
+    split = _check_patches(pipe, args.method, request, launched_world_size())
     args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
     if args.show_plan:
@@ -143,25 +230,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image.save(out)
     methods = ", ".join(m.spec() for m in args.method) or "no method"
     print(f"wrote {out} ({image.width}x{image.height}) with {methods}: {accelerator.report().summary()}")
+    if split is not None and launched_world_size() > 1:
+        print(f"split over {launched_world_size()} processes: {split}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .evals.bench import benchmark, write
-    from .runner import load, prepare_methods
+    from .runner import prepare_methods
 
+    check_output_file("--json", args.json)
+    check_model_argument(args.model)
+    if args.quality and args.parallel is not None:
+        raise UsageError("--quality and --parallel: choose one (quality scores images, --parallel times processes)")
     if args.quality:
         return _quality_bench(args)
     if args.parallel is not None:
+        _refuse_quality_options(args)
         return _parallel_bench(args)
+    if args.variant:
+        raise UsageError("--variant: only with --quality or --parallel; the timing bench compares one --method "
+                         "list with vanilla")
+    if args.threads is not None:
+        raise UsageError("--threads: only with --parallel")
+    _refuse_quality_options(args)
     request = _request(args)
-    pipe = load(args.model, args.device, args.dtype)
+    pipe = _load(args)
     args.method = prepare_methods(pipe, args.method, request, args.model)
     result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
     print(result)
     write(result, args.json)
     print(f"wrote {args.json}")
     return 0
+
+
+def _refuse_quality_options(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--plot", args.plot), ("--samples", args.samples),
+                                      ("--baseline-steps", args.baseline_steps), ("--batch-size", args.batch_size))
+             if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --quality")
 
 
 def _parallel_bench(args: argparse.Namespace) -> int:
@@ -184,24 +292,25 @@ def _parallel_bench(args: argparse.Namespace) -> int:
 
 def _quality_bench(args: argparse.Namespace) -> int:
     from .evals.quality import evaluate_quality, plot_speed_quality
-    from .runner import load, prepare_methods
+    from .runner import prepare_methods
 
     if args.model != "digits":
-        raise ValueError(f"--quality scores with the digits feature network: use --model digits, not {args.model!r}")
+        raise UsageError(f"--quality scores with the digits feature network: use --model digits, not {args.model!r}")
+    plot = args.plot or str(Path(args.json).with_suffix(".png"))
+    check_output_file("--plot", plot, [".png"])
     request = _request(args)
     chosen = ([args.method] if args.method else []) + args.variant
     if not chosen:
-        raise ValueError("--quality needs at least one --method or --variant to compare with vanilla")
-    pipe = load(args.model, args.device, args.dtype)
+        raise UsageError("--quality needs at least one --method or --variant to compare with vanilla")
+    pipe = _load(args)
     variants = {"+".join(m.spec() for m in v): prepare_methods(pipe, v, request, args.model) for v in chosen}
     report = evaluate_quality(
-        pipe, variants, steps=request.steps, baseline_steps=args.baseline_steps, samples=args.samples,
-        batch_size=args.batch_size, seed=args.seed, guidance_scale=request.guidance_scale,
+        pipe, variants, steps=request.steps, baseline_steps=args.baseline_steps or [10, 20, 30],
+        samples=args.samples or 1000, batch_size=args.batch_size or 250, seed=args.seed, guidance_scale=request.guidance_scale,
         size=request.height, model=args.model,
     )
     print(report)
     Path(args.json).write_text(report.to_json())
-    plot = args.plot or str(Path(args.json).with_suffix(".png"))
     plot_speed_quality(report, plot)
     print(f"wrote {args.json} and {plot}")
     return 0
@@ -227,8 +336,9 @@ def _fid_parser(commands: argparse._SubParsersAction) -> None:
     fid.add_argument("--inception-weights", default=None, metavar="PATH",
                      help="Inception weights file (default: weights-inception-2015-12-05-6726825d.pth in "
                           "$TORCH_HOME/hub/checkpoints/); never downloaded")
-    fid.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 50 folders, 8 paired)")
-    fid.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    fid.add_argument("--batch-size", type=int_at_least(1), default=None,
+                     help="images per batch (default: 50 folders, 8 paired)")
+    fid.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N")
     fid.add_argument("--json", default=None, metavar="PATH", help="write the result as JSON")
     fid.add_argument("--no-progress", action="store_true", help="no progress bars")
     paired = fid.add_argument_group("paired mode (with --model)")
@@ -244,12 +354,12 @@ def _fid_parser(commands: argparse._SubParsersAction) -> None:
     paired.add_argument("--out-dir", default=None, metavar="DIR",
                         help="images go to DIR/vanilla/ and DIR/accelerated/; existing ones are reused")
     paired.add_argument("--real", default=None, metavar="REAL_DIR", help="also FID of each against these images")
-    paired.add_argument("--steps", type=int, default=None)
-    paired.add_argument("--height", type=int, default=None)
-    paired.add_argument("--width", type=int, default=None)
-    paired.add_argument("--guidance-scale", type=float, default=None)
+    paired.add_argument("--steps", type=int_at_least(1), default=None)
+    paired.add_argument("--height", type=multiple_of_8, default=None)
+    paired.add_argument("--width", type=multiple_of_8, default=None)
+    paired.add_argument("--guidance-scale", type=float_range(0), default=None)
     paired.add_argument("--negative-prompt", default=None)
-    paired.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    paired.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
 
 
 _PAIRED_ONLY = ("prompts", "seeds", "method", "out_dir", "real", "steps", "height", "width", "guidance_scale",
@@ -261,7 +371,7 @@ def _fid_folders(args: argparse.Namespace):
 
     given = [f"--{name.replace('_', '-')}" for name in _PAIRED_ONLY if getattr(args, name) not in (None, [])]
     if given:
-        raise ValueError(f"{', '.join(given)} need --model (paired mode)")
+        raise UsageError(f"{', '.join(given)}: only with --model (paired mode)")
     if args.real_dir is None or args.fake_dir is None:
         raise ValueError("give REAL_DIR and FAKE_DIR, or --model ... for paired mode")
     return fid_folders(args.real_dir, args.fake_dir, features=args.features, batch_size=args.batch_size or 50,
@@ -289,17 +399,35 @@ def _fid_paired(args: argparse.Namespace):
     )
 
 
+def _check_fid(args: argparse.Namespace) -> None:
+    check_output_file("--json", args.json)
+    check_input_file("--inception-weights", args.inception_weights)
+    if args.model is None:
+        check_input_folder("REAL_DIR", args.real_dir)
+        check_input_folder("FAKE_DIR", args.fake_dir)
+        return
+    check_model_argument(args.model)
+    check_input_file("--prompts", args.prompts)
+    check_input_folder("--real", args.real)
+    check_output_folder("--out-dir", args.out_dir)
+    if args.seeds is not None:
+        from .evals.fidelity import parse_seeds
+
+        parse_seeds(args.seeds)
+
+
 def cmd_fid(args: argparse.Namespace) -> int:
     import torch
 
     from .evals.fid import init_distributed_from_env, rank_and_world
 
+    _check_fid(args)
     created = init_distributed_from_env(args.device)
     try:
         try:
             result = _fid_paired(args) if args.model else _fid_folders(args)
         except (FileNotFoundError, ImportError) as exc:  # missing weights or extras: a message, not a traceback
-            raise ValueError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         if rank_and_world()[0] == 0:
             print(result)
             if args.json:
@@ -313,13 +441,15 @@ def cmd_fid(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .caching import BlockCache
-    from .runner import load, prepare_methods
+    from .runner import prepare_methods
 
+    check_output_file("--out", args.out, [".json"])
+    check_output_file("--plot", args.plot, [".png"])
+    check_model_argument(args.model)
     request = _request(args)
     method = BlockCache(threshold=args.threshold, budget=args.budget, granularity=args.granularity,
                         cache=args.cache, align=args.align)
-    pipe = load(args.model, args.device, args.dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _load(args)
     (ready,) = prepare_methods(pipe, [method], request, args.model)
     print(ready.plan())
     print(f"keeps {ready.kept_fraction():.1%} of block evaluations ({ready.kept_fraction('flops'):.1%} of their FLOPs) "
@@ -332,15 +462,49 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The user's mistakes, and what their environment lacks (an optional extra, a file, disk space):
+# one line each. Anything else is a fault of fastdiff's and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every failure the user can fix ends here as one line on stderr,
+    ``fastdiff <command>: error: ...``, with exit code 2; Ctrl-C ends with 130 and no traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would blame the top-level parser; the command's own is the one to blame
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     handlers = {"generate": cmd_generate, "bench": cmd_bench, "fid": cmd_fid, "calibrate": cmd_calibrate}
+    handler = handlers.get(args.command) or args.handler
     try:
-        return handlers[args.command](args) if args.command in handlers else args.handler(args)
-    except (ValueError, TypeError) as exc:
-        parser.exit(2, f"fastdiff {args.command}: error: {exc}\n")
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_one_line_warning, f"fastdiff {args.command}")
+            try:
+                return handler(args)
+            finally:
+                _leave_process_group()
+    except KeyboardInterrupt:
+        parser.exit(130, f"fastdiff {args.command}: interrupted\n")
+    except USER_ERRORS as exc:
+        parser.exit(2, f"fastdiff {args.command}: error: {one_line(exc)}\n")
     return 1
+
+
+def _one_line_warning(prefix: str, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """A warning as one line naming the command, without the source line Python echoes under it:
+    on a command line that line is fastdiff's code, which means nothing to the user."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    print(f"{prefix}: warning{kind}: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def _leave_process_group() -> None:
+    """A launched command leaves its process group before exit: a gloo group still open when
+    the interpreter shuts down can abort the process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

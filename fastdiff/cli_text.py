@@ -7,28 +7,53 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .cli_checks import UsageError, check_output_file, float_range, int_at_least, one_line
 from .models.pydoc_text import PYDOC_MDLM_NAME
+from .schedulers.masked_diffusion import ALIASES, SAMPLERS
 
 DEFAULT_TEXT_MODEL = PYDOC_MDLM_NAME
+
+
+def _sampler(spec: str) -> str:
+    """A sampler spec, checked at parse time (name, alias and options) by building its scheduler."""
+    import argparse
+
+    from .pipelines.masked_diffusion_lm import _scheduler
+
+    try:
+        _scheduler(spec)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
+    return spec
+
+
+def _sampler_names() -> str:
+    aliases: dict[str, list[str]] = {}
+    for alias, name in sorted(ALIASES.items()):
+        aliases.setdefault(name, []).append(alias)
+    return ", ".join(f"{name} ({'/'.join(aliases[name])})" if name in aliases else name for name in SAMPLERS)
 
 
 def add_text_parser(commands: argparse._SubParsersAction) -> None:
     text = commands.add_parser(
         "text", help="generate text with a masked diffusion language model",
-        description="Generate text after each prompt with a masked diffusion LM. Samplers: mdlm, first-hitting, "
-                    "low-confidence (LLaDA), random, threshold (Fast-dLLM), rdm; options after a colon, e.g. "
-                    "threshold:threshold=0.9 or mdlm:noise_schedule=mdlm-cosine,temperature=0.8.")
+        description=f"Generate text after each prompt with a masked diffusion LM. Samplers (aliases in brackets): "
+                    f"{_sampler_names()}; options after a colon, e.g. threshold:threshold=0.9, "
+                    "fast-dllm:threshold=0.9 or mdlm:noise_schedule=mdlm-cosine,temperature=0.8.")
     text.add_argument("--model", default=DEFAULT_TEXT_MODEL,
                       help=f"built-in name ({PYDOC_MDLM_NAME}), saved pipeline folder, or transformers masked LM "
                            f"folder / hub id (default: {DEFAULT_TEXT_MODEL})")
     text.add_argument("--prompt", action="append", default=None, help="prompt, repeatable (one sequence each)")
-    text.add_argument("--sampler", default="low-confidence", help="sampler[:option=value,...] (default: low-confidence)")
-    text.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
-    text.add_argument("--steps", type=int, default=None, help="sampler steps in all (default: gen-length)")
-    text.add_argument("--block-length", type=int, default=None, help="semi-autoregressive blocks of this many tokens")
-    text.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the sampler's)")
-    text.add_argument("--cfg-scale", type=float, default=0.0, help="guidance by masking the prompt (default: 0, off)")
-    text.add_argument("--seed", type=int, default=0)
+    text.add_argument("--sampler", type=_sampler, default="low-confidence",
+                      help=f"sampler[:option=value,...]; one of {_sampler_names()} (default: low-confidence)")
+    text.add_argument("--gen-length", type=int_at_least(1), default=128, help="tokens to generate (default: 128)")
+    text.add_argument("--steps", type=int_at_least(1), default=None, help="sampler steps in all (default: gen-length)")
+    text.add_argument("--block-length", type=int_at_least(1), default=None,
+                      help="semi-autoregressive blocks of this many tokens")
+    text.add_argument("--temperature", type=float_range(0), default=None, help="0 = greedy (default: the sampler's)")
+    text.add_argument("--cfg-scale", type=float_range(0), default=0.0,
+                      help="guidance by masking the prompt (default: 0, off)")
+    text.add_argument("--seed", type=int_at_least(0), default=0)
     text.add_argument("--no-reuse", action="store_true", help="call the model at every step, even when nothing changed")
     text.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own modelling code")
     text.add_argument("--json", default=None, metavar="PATH", help="also write texts, token ids and call counts")
@@ -38,10 +63,23 @@ def add_text_parser(commands: argparse._SubParsersAction) -> None:
 def cmd_text(args: argparse.Namespace) -> int:
     import torch
 
+    from .cli import check_model_argument
     from .pipelines import MaskedDiffusionLMPipeline
 
-    pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model, sampler=args.sampler,
-                                                     trust_remote_code=args.trust_remote_code)
+    check_output_file("--json", args.json)
+    check_model_argument(args.model, builtins=[PYDOC_MDLM_NAME])
+    blocks = args.gen_length // (args.block_length or args.gen_length)
+    if args.block_length is not None and args.gen_length % args.block_length:
+        raise UsageError(f"--block-length: {args.block_length} does not divide --gen-length {args.gen_length}")
+    if args.steps is not None and args.steps < blocks:
+        raise UsageError(f"--steps: {args.steps} is fewer than the {blocks} blocks (--gen-length / --block-length); "
+                         "every block takes at least one step")
+    try:
+        pipe = MaskedDiffusionLMPipeline.from_pretrained(args.model, sampler=args.sampler,
+                                                         trust_remote_code=args.trust_remote_code)
+    except OSError as exc:
+        raise UsageError(f"--model: cannot load {args.model!r} as a masked diffusion LM ({one_line(exc)}); built in: "
+                         f"{PYDOC_MDLM_NAME}") from None
     prompts = args.prompt or ["The \"assert\" statement"]
     out = pipe(prompts, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                sampler=args.sampler, temperature=args.temperature, cfg_scale=args.cfg_scale,

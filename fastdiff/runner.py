@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from .core.accelerator import pipeline_default_steps
+from .core.accelerator import check_composition, pipeline_default_steps
 from .core.method import Method
 from .models import builtin_info, is_builtin, load_pipeline
 
@@ -107,10 +107,19 @@ def call_kwargs(pipe: DiffusionPipeline, request: GenerationRequest) -> dict[str
         value = getattr(request, name)
         if value is not None and name in params:
             kwargs[name] = value
+    if "clean_caption" in params and not _caption_cleaning_available():
+        kwargs["clean_caption"] = False  # the pipeline would say so twice per call, then do the same
     device = getattr(pipe, "device", torch.device("cpu"))
     generator_device = "cpu" if device.type == "mps" else device
     kwargs["generator"] = torch.Generator(generator_device).manual_seed(request.seed)
     return kwargs
+
+
+def _caption_cleaning_available() -> bool:
+    """PixArt-style pipelines clean captions only with beautifulsoup4 and ftfy installed."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return is_bs4_available() and is_ftfy_available()
 
 
 def _class_labels(pipe: DiffusionPipeline, prompt: str) -> list[int]:
@@ -146,7 +155,9 @@ def calibration_prompts(model: str, request: GenerationRequest) -> list[str]:
 
 def prepare_methods(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest,
                     model: str = "") -> list[Method]:
-    """Methods ready to apply at the request's settings (those that need a calibration get one)."""
+    """Methods ready to apply at the request's settings (those that need a calibration get one).
+    Methods that could not be applied together are refused first, before any calibration runs."""
+    check_composition(pipe, methods)
     steps = request.steps or pipeline_default_steps(pipe)
     settings = {name: getattr(request, name) for name in ("height", "width", "guidance_scale")
                 if getattr(request, name) is not None and name in inspect.signature(type(pipe).__call__).parameters}

@@ -34,7 +34,7 @@ def test_generate_class_conditional(tmp_path):
     (["--method", "deepcache:interval"], "expected key=value"),
     (["--method", "warp:speed=9"], "unknown method 'warp'"),
     (["--model", "no-such-model-here"], "model"),
-    (["--height", "30"], "height must be a multiple of 8"),
+    (["--height", "30"], "argument --height: must be a multiple of 8"),
     (["--method", "deepcache:branch=40"], "branch=40 is deeper than this UNet has"),
     (["--method", "earlyexit:schedule=99/9"], "keeps 99 units but this UNet2DConditionModel is only"),
     (["--method", "earlyexit:schedule=1/2"], "may only stay or fall"),
@@ -90,7 +90,7 @@ def test_calibrate_bad_option_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "--model", "tiny-sd", "--steps", "3", "--granularity", "pixel",
               "--out", str(tmp_path / "c.json")])
-    assert exc.value.code == 2 and "granularity must be one of" in capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --granularity: invalid choice: 'pixel'" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
 
 

@@ -168,14 +168,14 @@ def test_img2img_uses_the_timesteps_it_runs(sd_pipe):
 
 def test_composes_with_tgate_and_refuses_deepcache(sd_pipe, pixart_pipe):
     for pipe in (sd_pipe, pixart_pipe):
-        acc = fastdiff.apply(pipe, EarlyExit(), TGate(gate_step=3), count_flops=True)
+        acc = fastdiff.apply(pipe, EarlyExit(schedule="demo"), TGate(gate_step=3), count_flops=True)
         run(pipe, steps=6)
         methods = {e.method for e in acc.ledger.modules}
         decisions = {e.decision for e in acc.ledger.modules}
         assert methods == {"earlyexit", "tgate"} and decisions == set(Decision)
         acc.remove()
     with pytest.raises(ValueError, match="'deepcache' and 'earlyexit' both claim module 'mid_block'"):
-        fastdiff.apply(sd_pipe, fastdiff.DeepCache(), EarlyExit())
+        fastdiff.apply(sd_pipe, fastdiff.DeepCache(), EarlyExit(schedule="demo"))
     assert "acceleration" not in sd_pipe.__dict__ and not hasattr(sd_pipe.unet, "_diffusers_hook")
 
 
@@ -222,7 +222,21 @@ def test_spec_round_trip():
     assert method.schedule == (28, 28, 24, 24) and method.spec() == "earlyexit:schedule=28/28/24/24"
     assert fastdiff.parse_method("earlyexit:schedule=linear,min_depth=0.3").min_depth == 0.3
     assert fastdiff.parse_method(EarlyExit(schedule=[1.0, 0.5]).spec()).schedule == (1.0, 0.5)
-    assert EarlyExit().spec() == "earlyexit:schedule=demo" and len(DEMO_BLOCKS) == 10
+    assert EarlyExit().spec() == "earlyexit:schedule=auto" and len(DEMO_BLOCKS) == 10
+
+
+def test_default_is_the_demo_on_transformers_and_measured_on_unets(sd_pipe, dit_pipe):
+    """DiT's demo schedule wrecks UNets, so a UNet's default is calibrated on the pipeline, and
+    refused where no calibration can be made (the Python API, without prepare)."""
+    assert EarlyExit().depths(dit_pipe.transformer) == EarlyExit(schedule="demo").depths(dit_pipe.transformer)
+    assert EarlyExit().prepare(dit_pipe, steps=4, prompts=["1"]).spec() == "earlyexit:schedule=demo"
+    with pytest.raises(ValueError, match="EarlyExit on a UNet .* has no fixed default schedule"):
+        fastdiff.apply(sd_pipe, EarlyExit())
+    assert "acceleration" not in sd_pipe.__dict__
+    ready = EarlyExit(tolerance=0.0).prepare(sd_pipe, steps=4, prompts=["a red circle"], height=32, width=32,
+                                             show_progress=False)
+    assert ready.schedule == "calibrated" and ready.calibration is not None
+    assert ready.depths(sd_pipe.unet) == [exit_ladder(sd_pipe.unet).depth] * 10  # nothing is within 0
 
 
 def test_bad_input(sd_pipe, dit_pipe):

@@ -22,12 +22,16 @@ def symbols(row):
 
 
 def decoder_batches(pipe):
-    """Batch sizes the first up block sees: one entry per decoder evaluation."""
+    """Batch sizes the first up block sees: one entry per decoder evaluation (the vanilla shadow pass
+    that measures FLOPs when counting is not one)."""
     seen: list[int] = []
-    handle = pipe.unet.up_blocks[0].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
-        with_kwargs=True,
-    )
+
+    def record(module, args, kwargs):
+        accelerator = pipe.__dict__.get("acceleration")
+        if accelerator is None or accelerator.measuring is None:
+            seen.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    handle = pipe.unet.up_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     return seen, handle
 
 

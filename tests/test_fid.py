@@ -325,10 +325,10 @@ def test_cli_paired(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["REAL", "FAKE"], "fake_dir: .* is not a folder"),
+    (["REAL", "FAKE"], "FAKE_DIR: no such folder"),
     (["REAL"], "give REAL_DIR and FAKE_DIR"),
     (["REAL", "REAL", "--features", "inception"], "weights-inception-2015-12-05-6726825d.pth"),
-    (["REAL", "REAL", "--seeds", "0-3"], "--seeds need --model"),
+    (["REAL", "REAL", "--seeds", "0-3"], "--seeds: only with --model"),
     (["--model", "tiny-sd", "--prompts", "P", "--seeds", "0-x", "--out-dir", "O"], "--seeds: '0-x'"),
     (["--model", "tiny-sd", "--seeds", "0-3"], "paired mode needs --prompts, --out-dir"),
     (["--model", "tiny-sd", "--prompts", "BLANK", "--seeds", "0-3", "--out-dir", "O"], "--prompts: .* has no prompts"),

@@ -18,6 +18,8 @@ from fastdiff.parallel.launch import run_processes
 
 SIZE = 64
 STEPS = 6
+MODELS = ["tiny-sd", "tiny-sdxl"]
+MODES = ["sync", "distrifusion", "pcpp"]
 
 
 def call(pipe, prompt="a red circle", steps=STEPS, size=SIZE, **kwargs):
@@ -127,11 +129,12 @@ def sd_reference():
     return call(quiet("tiny-sd"))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_reference):
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_reference, request):
     size = SIZE if world == 2 else 128  # tiny-sd splits into 8-row... 2x-downsampled units: 4 processes need 16 rows
-    models = ["tiny-sd", "tiny-sdxl"]
-    results = _outcomes(world, _modes_worker, models, ["sync", "distrifusion", "pcpp"], size)
+    models = MODELS
+    results = ([runs["modes"] for runs in request.getfixturevalue("shared_runs")] if world == 2
+               else _outcomes(world, _modes_worker, models, MODES, size))
     for name in models:
         single = sd_reference if (name == "tiny-sd" and size == SIZE) else call(quiet(name), size=size)
         for rank_results in results:
@@ -160,12 +163,13 @@ def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_referenc
         assert pcpp_total <= 0.35 * sum(sync.values())
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_split_guidance_equals_single_process(world, sd_reference):
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_split_guidance_equals_single_process(world, sd_reference, request):
     """Half the processes take the unconditional branch, half the conditional one."""
     size = SIZE if world == 2 else 128
     single = sd_reference if size == SIZE else call(quiet("tiny-sd"), size=size)
-    results = _outcomes(world, _modes_worker, ["tiny-sd"], ["sync"], size, True)
+    results = ([runs["split"] for runs in request.getfixturevalue("shared_runs")] if world == 2
+               else _outcomes(world, _modes_worker, ["tiny-sd"], ["sync"], size, True))
     for rank_results in results:
         image, sent, _, _ = rank_results[("tiny-sd", "sync", 0)]
         assert np.abs(image - single).max() <= 1e-5
@@ -179,12 +183,13 @@ def _uneven_worker(rank):
     pipe = quiet("tiny-sd")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        acc = fastdiff.apply(pipe, PatchParallel(mode="distrifusion", warmup_steps=STEPS))  # split: odd count
+        acc = fastdiff.apply(pipe, PatchParallel(mode="distrifusion", warmup_steps=STEPS, split_guidance=True))  # odd
         image = call(pipe)
         acc.remove()
     return image, [str(w.message) for w in caught]
 
 
+@pytest.mark.slow
 def test_uneven_patches_and_fallbacks_on_three_processes(sd_reference):
     for image, messages in _outcomes(3, _uneven_worker):
         assert np.abs(image - sd_reference).max() <= 1e-5  # warm-up covering every step = synchronous
@@ -192,7 +197,7 @@ def test_uneven_patches_and_fallbacks_on_three_processes(sd_reference):
         assert any(f"warmup_steps={STEPS} covers all {STEPS} steps" in m for m in messages)
 
 
-def _deepcache_worker(rank):
+def _deepcache_results():
     pipe = quiet("tiny-sd")
     acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2), PatchParallel(mode="sync", split_guidance=False))
     image = call(pipe)
@@ -200,10 +205,38 @@ def _deepcache_worker(rank):
     acc.remove()
     acc = fastdiff.apply(pipe, fastdiff.EarlyExit(schedule=[1.0, 0.5]), PatchParallel(mode="sync", split_guidance=False))
     exited = call(pipe)
+    acc.remove()
     return image, [s.bytes_sent for s in report.steps], exited
 
 
-def test_composes_with_deepcache_and_early_exit():
+def _shared_worker(rank):
+    """One 2-process group for every check that only needs the results of exact runs: starting
+    a group costs each process its interpreter and imports, several seconds of CPU."""
+    return {"modes": _modes_worker(rank, MODELS, MODES, SIZE), "split": _modes_worker(rank, ["tiny-sd"], ["sync"], SIZE, True),
+            "deepcache": _deepcache_results(), "transformers": _transformer_results(),
+            "compositions": _transformer_composition_results()}
+
+
+@pytest.fixture(scope="module")
+def shared_runs():
+    return _outcomes(2, _shared_worker)
+
+
+def test_guidance_split_refuses_tgate(monkeypatch):
+    """T-GATE keeps the mean of both guidance halves' cross-attention; a process holding one half
+    cannot, so the combination is refused, leaving the pipeline as it was."""
+    import fastdiff.parallel.patch_parallel as patch_parallel
+    from fastdiff.parallel.group import ProcessGroup
+
+    monkeypatch.setattr(patch_parallel, "process_group",
+                        lambda timeout, requested: ProcessGroup(0, 2, torch.device("cpu"), "gloo"))
+    pipe = quiet("tiny-sd")
+    with pytest.raises(ValueError, match=r"split_guidance=True\) and TGate cannot be combined"):
+        fastdiff.apply(pipe, fastdiff.TGate(gate_step=3), PatchParallel(split_guidance=True))
+    assert "acceleration" not in pipe.__dict__ and not hasattr(pipe.unet, "_diffusers_hook")
+
+
+def test_composes_with_deepcache_and_early_exit(shared_runs):
     pipe = quiet("tiny-sd")
     acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2))
     single = call(pipe)
@@ -211,7 +244,7 @@ def test_composes_with_deepcache_and_early_exit():
     acc = fastdiff.apply(pipe, fastdiff.EarlyExit(schedule=[1.0, 0.5]))
     single_exited = call(pipe)
     acc.remove()
-    (image, per_step, exited), _ = _outcomes(2, _deepcache_worker)
+    image, per_step, exited = shared_runs[0]["deepcache"]
     assert np.abs(image - single).max() <= 1e-5
     assert np.abs(exited - single_exited).max() <= 1e-5
     full, cached = per_step[0::2], per_step[1::2]
@@ -249,20 +282,24 @@ def test_processes_with_different_prompts_are_refused():
         assert status == "error" and "makes a different call" in message and "prompt embedding sum" in message
 
 
-def test_launchers_run_the_cli(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
+def test_launchers_run_the_cli(tmp_path, launcher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3", "--method", "patch:mode=pcpp",
-              "--device", "cpu"]  # gloo on the CPU also where a GPU is present
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
-                "--out", str(tmp_path / "torchrun.png")]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *common,
-                  "--out", str(tmp_path / "accelerate.png")]
-    for command, name in ((torchrun, "torchrun.png"), (accelerate, "accelerate.png")):
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.count("wrote ") == 1 and "sent" in done.stdout  # only the main process writes
-        assert (tmp_path / name).exists()
+    command = [sys.executable, *LAUNCHERS[launcher], "-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3",
+               "--method", "patch:mode=pcpp", "--device", "cpu",  # gloo on the CPU also where a GPU is present
+               "--out", str(tmp_path / "out.png")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and "sent" in done.stdout  # only the main process writes
+    assert "split over 2 processes: 2 row patches of a 8-row latent (pcpp)" in done.stdout
+    assert (tmp_path / "out.png").exists()
 
 
 def test_bad_input():
@@ -306,7 +343,7 @@ def _transformer_call(pipe):
     return call(pipe, size=256)
 
 
-def _transformer_worker(rank):
+def _transformer_results():
     results = {}
     for name in ("tiny-dit", "tiny-pixart"):
         pipe = quiet(name)
@@ -318,8 +355,8 @@ def _transformer_worker(rank):
     return results
 
 
-def test_transformers_split_into_token_rows():
-    results = _outcomes(2, _transformer_worker)
+def test_transformers_split_into_token_rows(shared_runs):
+    results = [runs["transformers"] for runs in shared_runs]
     for name in ("tiny-dit", "tiny-pixart"):
         single = _transformer_call(quiet(name))
         for rank_results in results:
@@ -336,7 +373,7 @@ def _transformer_methods():
             "earlyexit": lambda: fastdiff.EarlyExit(schedule=[1.0, 0.5])}
 
 
-def _transformer_composition_worker(rank):
+def _transformer_composition_results():
     results = {}
     for name in ("tiny-dit", "tiny-pixart"):
         pipe = quiet(name)
@@ -347,8 +384,8 @@ def _transformer_composition_worker(rank):
     return results
 
 
-def test_transformers_compose_with_caching_and_early_exit():
-    results = _outcomes(2, _transformer_composition_worker)
+def test_transformers_compose_with_caching_and_early_exit(shared_runs):
+    results = [runs["compositions"] for runs in shared_runs]
     for name in ("tiny-dit", "tiny-pixart"):
         pipe = quiet(name)
         for label, method in _transformer_methods().items():
@@ -400,6 +437,8 @@ def test_the_group_is_joined_on_the_denoisers_side(monkeypatch):
     """A CPU pipeline on a CUDA machine must exchange over gloo, not claim a GPU for NCCL."""
     import fastdiff.parallel.patch_parallel as patch_parallel
 
+    with pytest.raises(RuntimeError, match="no process group yet"):
+        fastdiff.PatchParallel().group  # nothing to choose a backend by before a denoiser is known
     asked = []
     monkeypatch.setattr(patch_parallel, "process_group", lambda timeout, requested: asked.append(requested) or requested)
     assert fastdiff.PatchParallel()._join(torch.nn.Linear(2, 2)) == "cpu"

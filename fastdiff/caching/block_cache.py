@@ -28,7 +28,7 @@ from ..core.method import Method
 from ..core.plan import Decision, Plan
 from ..core.rules import ReuseRule, first_input, main_tensor, with_main_tensor
 from .block_schedule import kept_fraction, schedule_from_changes, threshold_for_budget
-from .blocks import GRANULARITIES, fingerprint
+from .blocks import GRANULARITIES, block_paths, fingerprint
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -265,6 +265,11 @@ class BlockCache(Method):
         calibration = self._calibration()
         calibration.check(denoiser)
         return list(calibration.modules)
+
+    def claims_before_prepare(self, denoiser: torch.nn.Module) -> list[str] | None:
+        if self.calibration is None:
+            return block_paths(denoiser, self.granularity)  # what a calibration will measure and claim
+        return self.modules(denoiser)
 
     def rows(self) -> dict[str, tuple[Decision, ...]]:
         return self._calibration().rows(self.effective_threshold)

@@ -6,6 +6,8 @@ pass records how much each block changes from step to step; with ``align=True`` 
 replays the chosen schedule in shadow (still computing everything) and accumulates, per block,
 step and channel, the least-squares statistics that map the value a block would have reused to
 the value it actually produced.
+
+Calibrating takes as long as generating, so it shows one bar over all of it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from ..core.accelerator import apply, find_denoiser
 from ..core.method import Method
+from ..core.progress import pipeline_bar_off, plural, progress_bar, times_sign
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, main_tensor
 from .block_cache import DEFAULT_THRESHOLD, BlockCache, BlockCacheCalibration, cached_quantity
@@ -29,6 +32,30 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 _EPS = 1e-12
+
+
+class StepProgress:
+    """Advances a bar by one per denoising step of a calibration's pipeline calls.
+
+    Steps come from the engine's ``scheduler.step`` watch; a call is topped up to its full share
+    when it returns, and never counts more than it, so a scheduler that steps twice per
+    iteration (Heun) or a pipeline that starts part-way (img2img) keeps the total right.
+    """
+
+    def __init__(self, bar: Any, steps_per_call: int) -> None:
+        self.bar = bar
+        self.steps_per_call = steps_per_call
+        self.in_call = 0
+
+    def step(self) -> None:
+        if self.in_call < self.steps_per_call:
+            self.in_call += 1
+            self.bar.update(1)
+
+    def call_done(self) -> None:
+        if self.in_call < self.steps_per_call:
+            self.bar.update(self.steps_per_call - self.in_call)
+        self.in_call = 0
 
 
 class _ChangeRule(ReuseRule):
@@ -137,6 +164,7 @@ class _Probe(Method):
     paths: list[str] = field(default_factory=list)
     rules: dict[str, ReuseRule] = field(default_factory=dict)
     clock: Any = None
+    progress: StepProgress | None = None
 
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         return list(self.paths)
@@ -146,6 +174,11 @@ class _Probe(Method):
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
         return self.rules[path]
+
+    def after_scheduler_step(self, runtime: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.progress is not None:
+            self.progress.step()
+        return output
 
     @property
     def name(self) -> str:
@@ -165,21 +198,35 @@ def _prompt_calls(pipe: DiffusionPipeline, prompts: Sequence[str], steps: int, s
     return calls
 
 
-def _observe(pipe: DiffusionPipeline, probe: _Probe, calls: list[dict[str, Any]], count_flops: bool) -> Any:
+def _observe(pipe: DiffusionPipeline, probe: _Probe, calls: list[dict[str, Any]], count_flops: bool,
+             progress: StepProgress | None = None) -> Any:
     accelerator = apply(pipe, probe, count_flops=count_flops)
     probe.clock = accelerator.clock
+    probe.progress = progress
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pipeline_bar_off(pipe):
             for kwargs in calls:
                 pipe(**kwargs)
+                if progress is not None:
+                    progress.call_done()
     finally:
         accelerator.remove()
+        probe.progress = None
     return accelerator
+
+
+def calibration_bar(method: str, prompts: int, steps: int, passes: int, enabled: bool) -> Any:
+    """The one bar of a calibration: every step of every prompt of every pass."""
+    desc = f"calibrating {method} on {plural(prompts, 'prompt')} {times_sign()} {plural(steps, 'step')}"
+    if passes > 1:
+        desc += f", {passes} passes"
+    return progress_bar(total=passes * prompts * steps, desc=desc, unit="step", enabled=enabled)
 
 
 def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 50, threshold: float | None = None,
               budget: float | None = None, granularity: str = "layer", cache: str = "residual", align: bool = False,
-              budget_by: str = "evaluations", seed: int = 0, **call_kwargs: Any) -> BlockCache:
+              budget_by: str = "evaluations", seed: int = 0, show_progress: bool = True,
+              **call_kwargs: Any) -> BlockCache:
     """Measure every block of ``pipe``'s denoiser on ``prompts`` and return a ready :class:`BlockCache`.
 
     Args:
@@ -189,6 +236,8 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
         steps: the step count the schedule is for (a schedule is tied to it).
         threshold / budget: δ, or the share of block evaluations to keep (then δ is chosen).
         align: also fit the per-channel scale/shift of cached values (a second pass).
+        show_progress: one bar over the whole calibration on stderr (the pipeline's own per-call
+            bars stay off meanwhile; its configuration is restored afterwards).
         call_kwargs: passed to every pipeline call (height, width, guidance_scale, ...).
     """
     if isinstance(prompts, str):
@@ -205,35 +254,37 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
     residual = cache == "residual"
     calls = _prompt_calls(pipe, prompts, steps, seed, call_kwargs)
 
-    probe = _Probe(paths=paths)
-    change_rules = {path: _ChangeRule(probe, residual) for path in paths}
-    probe.rules = dict(change_rules)
-    accelerator = _observe(pipe, probe, calls, count_flops=True)
-    change = {path: rule.profile(steps) for path, rule in change_rules.items()}
-    flops: dict[str, float] = defaultdict(float)
-    for event in accelerator.ledger.modules:
-        if event.flops is not None:
-            flops[event.module] += event.flops
-    denoiser_calls = max(sum(s.denoiser_calls for s in accelerator.ledger.steps), 1)
-
-    calibration = BlockCacheCalibration(
-        denoiser=type(denoiser).__name__, fingerprint=fingerprint(denoiser), num_steps=steps,
-        granularity=granularity, cache=cache, modules=paths, change=change,
-        flops={p: flops.get(p, 0.0) / denoiser_calls for p in paths}, prompts=prompts, seed=seed,
-    )
-    if align:
-        delta = threshold if threshold is not None else (
-            threshold_for_budget(change, budget, calibration.flops if budget_by == "flops" else None)
-            if budget is not None else DEFAULT_THRESHOLD)
-        rows = schedule_from_changes(change, delta)
+    with calibration_bar("blockcache", len(calls), steps, 2 if align else 1, show_progress) as bar:
+        progress = StepProgress(bar, steps)
         probe = _Probe(paths=paths)
-        fit_rules = {path: _FitRule(probe, residual, rows[path]) for path in paths}
-        probe.rules = dict(fit_rules)
-        _observe(pipe, probe, calls, count_flops=False)
-        calibration.aligned_rows = {m: "".join(d.symbol for d in r) for m, r in rows.items()}
-        calibration.alignment = {
-            path: {str(step): list(moments.fit()) for step, moments in sorted(rule.moments.items())}
-            for path, rule in fit_rules.items()
-        }
+        change_rules = {path: _ChangeRule(probe, residual) for path in paths}
+        probe.rules = dict(change_rules)
+        accelerator = _observe(pipe, probe, calls, count_flops=True, progress=progress)
+        change = {path: rule.profile(steps) for path, rule in change_rules.items()}
+        flops: dict[str, float] = defaultdict(float)
+        for event in accelerator.ledger.modules:
+            if event.flops is not None:
+                flops[event.module] += event.flops
+        denoiser_calls = max(sum(s.denoiser_calls for s in accelerator.ledger.steps), 1)
+
+        calibration = BlockCacheCalibration(
+            denoiser=type(denoiser).__name__, fingerprint=fingerprint(denoiser), num_steps=steps,
+            granularity=granularity, cache=cache, modules=paths, change=change,
+            flops={p: flops.get(p, 0.0) / denoiser_calls for p in paths}, prompts=prompts, seed=seed,
+        )
+        if align:
+            delta = threshold if threshold is not None else (
+                threshold_for_budget(change, budget, calibration.flops if budget_by == "flops" else None)
+                if budget is not None else DEFAULT_THRESHOLD)
+            rows = schedule_from_changes(change, delta)
+            probe = _Probe(paths=paths)
+            fit_rules = {path: _FitRule(probe, residual, rows[path]) for path in paths}
+            probe.rules = dict(fit_rules)
+            _observe(pipe, probe, calls, count_flops=False, progress=progress)
+            calibration.aligned_rows = {m: "".join(d.symbol for d in r) for m, r in rows.items()}
+            calibration.alignment = {
+                path: {str(step): list(moments.fit()) for step, moments in sorted(rule.moments.items())}
+                for path, rule in fit_rules.items()
+            }
     return BlockCache(threshold=threshold, budget=budget, granularity=granularity, cache=cache, align=align,
                       budget_by=budget_by, calibration=calibration)

@@ -94,8 +94,11 @@ class Accelerator:
         self._counter: FlopCounterMode | None = None
         # while a vanilla shadow pass is counted: its input signature (hooks record their cost under it)
         self.measuring: tuple | None = None
+        self._shadow_counter: FlopCounterMode | None = None
         self.denoiser_signature: tuple | None = None  # of the innermost denoiser call in progress
-        self._shadowed: set[tuple] = set()
+        # what the unmodified denoiser runs, by input signature: measured once per shape, kept for
+        # the life of the handle (a vanilla call's cost depends on nothing but its input shapes)
+        self._vanilla: dict[tuple, int] = {}
 
     # -- plan -----------------------------------------------------------------------------
     def plan_for(self, num_steps: int, noise_levels: Sequence[float] | None = None) -> Plan:
@@ -135,19 +138,7 @@ class Accelerator:
 
     # -- install / remove -----------------------------------------------------------------
     def _claims(self) -> dict[str, Method]:
-        available = dict(self.denoiser.named_modules())
-        owners: dict[str, Method] = {}
-        for method in self.methods:
-            for path in method.modules(self.denoiser):
-                if path not in available:
-                    raise ValueError(f"{method.name}: module {path!r} does not exist in the {self.denoiser_name}")
-                if path in owners:
-                    raise ValueError(
-                        f"methods {owners[path].name!r} and {method.name!r} both claim module {path!r} of the "
-                        f"{self.denoiser_name}; combine methods that act on different modules"
-                    )
-                owners[path] = method
-        return owners
+        return claimed_modules(self.denoiser_name, self.denoiser, self.methods)
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         self._installed.append(install_hook(module, hook, name))
@@ -272,12 +263,44 @@ class Accelerator:
         self.clock.advance()
         return output
 
-    def denoiser_finished(self, seconds: float, counter: FlopCounterMode | None) -> None:
+    def denoiser_finished(self, seconds: float, counter: FlopCounterMode | None, vanilla: int | None = None) -> None:
         clock = self.clock
         clock.calls_in_step += 1
         flops = counter.get_total_flops() if counter is not None else None
         self._counter = None
-        self.ledger.record_step(clock.call_index, clock.step, _as_float(clock.timestep), seconds, flops)
+        if flops is not None and vanilla is None and not self.methods:
+            vanilla = flops  # nothing is applied: this call is the vanilla one
+        self.ledger.record_step(clock.call_index, clock.step, _as_float(clock.timestep), seconds, flops,
+                                flops_vanilla=vanilla)
+
+    def vanilla_flops(self, forward: Any, args: tuple, kwargs: dict) -> int | None:
+        """What the unmodified denoiser would run on the pipeline's own arguments of this call.
+
+        Asked at the outermost denoiser boundary, before any method changes the batch or answers
+        from stored outputs: the reference "saved" and the ideal speedup are measured against.
+        ``None`` when not counting, and when no method is applied (the call's own count is it).
+        """
+        if not self.count_flops or not self.methods:
+            return None
+        key = input_signature(args, kwargs)
+        if key not in self._vanilla:
+            self._vanilla[key] = self._shadow_pass(forward, args, kwargs, key)
+        return self._vanilla[key]
+
+    def _shadow_pass(self, forward: Any, args: tuple, kwargs: dict, key: tuple) -> int:
+        """Run the denoiser once as vanilla (every fastdiff hook passes through while ``measuring``
+        is set; patch layers exchange nothing) and return its FLOPs. Its output is dropped and its
+        operators are hidden from every FLOP counter in effect, the ledger's and any a caller put
+        around the pipeline, so the measurement never shows up as work run. Hooked modules record
+        their own vanilla cost under ``key`` on the way (what a SKIP there saves)."""
+        counter = FlopCounterMode(display=False, depth=0)
+        self.measuring, self._shadow_counter = key, counter
+        try:
+            with _hidden_from_flop_counters(), torch.no_grad(), counter:
+                forward(*args, **kwargs)
+        finally:
+            self.measuring, self._shadow_counter = None, None
+        return counter.get_total_flops()
 
     def flop_counter(self) -> FlopCounterMode | None:
         self._counter = FlopCounterMode(display=False, depth=0) if self.count_flops else None
@@ -288,29 +311,22 @@ class Accelerator:
         self.ledger.record_comm(self.clock.call_index, self.clock.step, kind, sent, received, seconds)
 
     def flops_so_far(self) -> int | None:
-        """Running FLOP total of the denoiser call in progress; hooks difference it around a module."""
-        return None if self._counter is None else self._counter.get_total_flops()
+        """Running FLOP total of the denoiser call in progress (of the shadow pass, while one is
+        measuring); hooks difference it around a module."""
+        counter = self._shadow_counter if self.measuring is not None else self._counter
+        return None if counter is None else counter.get_total_flops()
 
     def _counted(self, forward: Any) -> Any:
         """The innermost denoiser call, preceded (once per input signature) by a vanilla shadow pass
-        whose FLOPs every hooked module records and the call's count leaves out: the only way to
-        know what a module that is skipped would have cost there."""
+        whose FLOPs every hooked module records: the only way to know what a module that is skipped
+        would have cost there. Where no method changed the arguments, the pass made at the outer
+        boundary for the same signature already recorded it, and none is run here."""
 
         def call(*args: Any, **kwargs: Any) -> Any:
             key = input_signature(args, kwargs)
             self.denoiser_signature = key
-            counter = self._counter
-            if counter is not None and key not in self._shadowed:
-                snapshot = {name: dict(counts) for name, counts in counter.flop_counts.items()}
-                self.measuring = key
-                try:
-                    forward(*args, **kwargs)
-                finally:
-                    self.measuring = None
-                    counter.flop_counts.clear()
-                    for name, counts in snapshot.items():
-                        counter.flop_counts[name].update(counts)
-                self._shadowed.add(key)
+            if self._counter is not None and key not in self._vanilla:
+                self._vanilla[key] = self._shadow_pass(forward, args, kwargs, key)
             return forward(*args, **kwargs)
 
         return call
@@ -339,6 +355,32 @@ class Accelerator:
     def __repr__(self) -> str:
         methods = ", ".join(m.spec() for m in self.methods) or "no methods"
         return f"Accelerator({type(self.pipe).__name__}.{self.denoiser_name}: {methods})"
+
+
+def claimed_modules(denoiser_name: str, denoiser: torch.nn.Module, methods: Sequence[Method],
+                    before_prepare: bool = False) -> dict[str, Method]:
+    """Which method owns each claimed module; two methods claiming one module is an error naming
+    both. ``before_prepare``: use what methods will claim once prepared, where they know it."""
+    available = dict(denoiser.named_modules())
+    owners: dict[str, Method] = {}
+    for method in methods:
+        paths = method.claims_before_prepare(denoiser) if before_prepare else method.modules(denoiser)
+        for path in paths or ():
+            if path not in available:
+                raise ValueError(f"{method.name}: module {path!r} does not exist in the {denoiser_name}")
+            if path in owners:
+                raise ValueError(
+                    f"methods {owners[path].name!r} and {method.name!r} both claim module {path!r} of the "
+                    f"{denoiser_name}; combine methods that act on different modules"
+                )
+            owners[path] = method
+    return owners
+
+
+def check_composition(pipe: DiffusionPipeline, methods: Sequence[Method]) -> None:
+    """Refuse methods that cannot be applied together before any of them is prepared (calibrated)."""
+    denoiser_name, denoiser = find_denoiser(pipe)
+    claimed_modules(denoiser_name, denoiser, methods, before_prepare=True)
 
 
 def _bound_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -379,6 +421,35 @@ def pipeline_default_steps(pipe: Any) -> int:
     if parameter is not None and isinstance(parameter.default, int):
         return parameter.default
     return 50
+
+
+@contextlib.contextmanager
+def _hidden_from_flop_counters() -> Iterator[None]:
+    """Take every FLOP counter off torch's dispatch-mode stack for the duration (other modes stay
+    in their order), so the operators run meanwhile are counted by none of them. torch has no
+    public way to pause a counter; its own ``_disable_current_modes`` would drop every mode."""
+    from torch.utils import _python_dispatch as dispatch
+    from torch.utils import flop_counter
+
+    kinds: tuple[type, ...] = (FlopCounterMode,)
+    pushed = getattr(flop_counter, "_FlopCounterMode", None)  # what FlopCounterMode pushes, torch >= 2.4
+    if pushed is not None:
+        kinds += (pushed,)
+    stack = dispatch._get_current_dispatch_mode_stack()
+    if not any(isinstance(mode, kinds) for mode in stack):
+        yield
+        return
+    popped = [dispatch._pop_mode() for _ in range(len(stack))]  # top of the stack first
+    kept = [mode for mode in reversed(popped) if not isinstance(mode, kinds)]
+    for mode in kept:
+        dispatch._push_mode(mode)
+    try:
+        yield
+    finally:
+        for _ in kept:
+            dispatch._pop_mode()
+        for mode in reversed(popped):
+            dispatch._push_mode(mode)
 
 
 def _as_float(value: Any) -> float | None:

@@ -67,7 +67,12 @@ def tensor_bytes(value: Any) -> int:
 
 
 class DenoiserClockHook(ModelHook):
-    """Tells the engine a denoiser call is starting and what it cost; counts FLOPs when asked."""
+    """Tells the engine a denoiser call is starting and what it cost; counts FLOPs when asked.
+
+    It is the outermost denoiser boundary: the arguments it sees are the pipeline's own, before
+    any method halves the batch, stacks steps or answers from stored outputs, so this is where
+    what vanilla would have run for the call is measured.
+    """
 
     def __init__(self, runtime: Accelerator) -> None:
         super().__init__()
@@ -76,9 +81,10 @@ class DenoiserClockHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
         forward = self.fn_ref.original_forward
-        if not runtime.clock.active:
+        if not runtime.clock.active or runtime.measuring is not None:
             return forward(*args, **kwargs)
         runtime.denoiser_started(args, kwargs)
+        vanilla = runtime.vanilla_flops(forward, args, kwargs)
         counter = runtime.flop_counter()
         start = time.perf_counter()
         if counter is None:
@@ -86,7 +92,7 @@ class DenoiserClockHook(ModelHook):
         else:
             with counter:
                 output = runtime.run_denoiser(forward, args, kwargs)
-        runtime.denoiser_finished(time.perf_counter() - start, counter)
+        runtime.denoiser_finished(time.perf_counter() - start, counter, vanilla)
         return output
 
 

@@ -2,6 +2,13 @@
 
 Tests assert on it (exact decision counts), benchmarks print it (FLOPs and time saved).
 FLOPs are only known when counting was asked for, because counting slows every operator.
+
+"Saved" has one meaning everywhere: the FLOPs the unmodified denoiser would have run for the
+denoiser calls the pipeline made, minus the FLOPs the denoiser actually ran. Methods move work
+in ways no per-module tally sees (T-GATE halves the batch at the denoiser boundary; encoder
+propagation computes later steps' decoders inside an earlier step's call), so the vanilla side
+is measured, not reconstructed from what hooked modules avoided. Under patch parallelism the
+ledger is per process: vanilla is the full image's cost, run is this process's share of it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class StepEvent:
     seconds: float = 0.0
     denoiser_calls: int = 0
     flops: int | None = None
+    # what the unmodified denoiser would have run for the calls the pipeline made in this step
+    flops_vanilla: int | None = None
 
 
 @dataclass
@@ -93,7 +102,7 @@ class Ledger:
             self.cache_bytes = {c: b for c, b in self.cache_bytes.items() if c >= oldest}
 
     def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None,
-                    denoiser_calls: int = 1) -> None:
+                    denoiser_calls: int = 1, flops_vanilla: int | None = None) -> None:
         """One denoiser call of ``step`` (or ``denoiser_calls=0``: a step whose output was reused whole)."""
         last = self.steps[-1] if self.steps else None
         if last is not None and last.call == call and last.step == step:
@@ -101,8 +110,10 @@ class Ledger:
             last.denoiser_calls += denoiser_calls
             if flops is not None:
                 last.flops = (last.flops or 0) + flops
+            if flops_vanilla is not None:
+                last.flops_vanilla = (last.flops_vanilla or 0) + flops_vanilla
             return
-        self.steps.append(StepEvent(call, step, timestep, seconds, denoiser_calls, flops))
+        self.steps.append(StepEvent(call, step, timestep, seconds, denoiser_calls, flops, flops_vanilla))
 
     @property
     def calls(self) -> list[int]:
@@ -121,10 +132,6 @@ class Ledger:
         for event in events:
             stats = per_module.setdefault(event.module, ModuleStats(event.module, event.method))
             stats.add(event)
-        saved_by_step: dict[tuple[int, int], int] = defaultdict(int)
-        for event in events:
-            if event.flops_saved:
-                saved_by_step[(event.call, event.step)] += event.flops_saved
         comm = [c for c in self.comm if c.call in chosen]
         sent_by_step: dict[tuple[int, int], int] = defaultdict(int)
         by_kind: dict[str, CommEvent] = {}
@@ -135,20 +142,18 @@ class Ledger:
             total.bytes_received += c.bytes_received
             total.seconds += c.seconds
         counted = bool(steps) and all(s.flops is not None for s in steps)
-        flops_run = sum(s.flops or 0 for s in steps) if counted else None
-        flops_saved = sum(saved_by_step.values()) if counted else None
+        measured = counted and all(s.flops_vanilla is not None for s in steps)
         return Report(
             calls=len(chosen),
             steps=[
                 StepSummary(s.call, s.step, s.timestep, s.seconds, s.denoiser_calls, s.flops,
-                            saved_by_step.get((s.call, s.step), 0) if counted else None,
-                            sent_by_step.get((s.call, s.step), 0))
+                            s.flops_vanilla if measured else None, sent_by_step.get((s.call, s.step), 0))
                 for s in steps
             ],
             modules=list(per_module.values()),
             denoiser_seconds=sum(s.seconds for s in steps),
-            flops_run=flops_run,
-            flops_saved=flops_saved,
+            flops_run=sum(s.flops or 0 for s in steps) if counted else None,
+            flops_vanilla=sum(s.flops_vanilla or 0 for s in steps) if measured else None,
             peak_cache_bytes=max((self.cache_bytes.get(c, 0) for c in chosen), default=0),
             comm_by_kind=by_kind,
         )
@@ -156,6 +161,10 @@ class Ledger:
 
 @dataclass
 class ModuleStats:
+    """One hooked module's decisions. ``flops_saved`` attributes savings to the module (its own
+    cost where it was reused or skipped); savings made at the denoiser boundary belong to no
+    module, so these need not add up to :attr:`Report.flops_saved`."""
+
     module: str
     method: str
     computed: int = 0
@@ -183,8 +192,16 @@ class StepSummary:
     seconds: float
     denoiser_calls: int
     flops_run: int | None
-    flops_saved: int | None
+    flops_vanilla: int | None
     bytes_sent: int = 0
+
+    @property
+    def flops_saved(self) -> int | None:
+        """Vanilla minus run for this step; negative where the step computed later steps' work
+        (batched decoders), which those steps then show as saved."""
+        if self.flops_run is None or self.flops_vanilla is None:
+            return None
+        return self.flops_vanilla - self.flops_run
 
 
 def _flops(value: int | None) -> str:
@@ -198,16 +215,31 @@ def _flops(value: int | None) -> str:
 
 @dataclass
 class Report:
-    """Per-call totals plus per-step and per-module breakdowns; ``print`` gives a table."""
+    """Per-call totals plus per-step and per-module breakdowns; ``print`` gives a table.
+
+    ``flops_vanilla`` is what the unmodified denoiser would have run for the denoiser calls the
+    pipeline made (measured once per input shape by a shadow pass, see ``Accelerator``),
+    ``flops_run`` what it ran; saved and the ideal speedup derive from these two alone. Under
+    patch parallelism the report is one process's: vanilla is what one device would run for the
+    whole image (and both guidance halves), run is this process's share, so the ratio is the
+    ideal speedup of the parallel run over a single device.
+    """
 
     calls: int
     steps: list[StepSummary]
     modules: list[ModuleStats]
     denoiser_seconds: float
     flops_run: int | None
-    flops_saved: int | None
+    flops_vanilla: int | None = None
     peak_cache_bytes: int = 0
     comm_by_kind: dict[str, CommEvent] = field(default_factory=dict)
+
+    @property
+    def flops_saved(self) -> int | None:
+        """Vanilla's denoiser FLOPs for the same call minus the FLOPs run."""
+        if self.flops_run is None or self.flops_vanilla is None:
+            return None
+        return self.flops_vanilla - self.flops_run
 
     @property
     def bytes_sent(self) -> int:
@@ -239,21 +271,24 @@ class Report:
     @property
     def flop_ratio(self) -> float | None:
         """Vanilla FLOPs over FLOPs actually run: the speedup a perfect engine would reach."""
-        if not self.flops_run:
+        if not self.flops_run or self.flops_vanilla is None:
             return None
-        return (self.flops_run + (self.flops_saved or 0)) / self.flops_run
+        return self.flops_vanilla / self.flops_run
 
     def summary(self) -> str:
         parts = [f"{len(self.steps)} steps, {self.denoiser_calls} denoiser calls"]
         if self.modules:
             parts.append(f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped")
-        if self.flops_run is not None:
-            total = self.flops_run + (self.flops_saved or 0)
-            share = (self.flops_saved or 0) / total if total else 0.0
+        if self.flops_run is not None and self.flops_vanilla is not None:
+            saved = self.flops_vanilla - self.flops_run
+            share = f"{saved / self.flops_vanilla:.0%}" if self.flops_vanilla else "n/a"
+            ratio = f"{self.flop_ratio:.2f}x" if self.flop_ratio is not None else "n/a"
             parts.append(
-                f"denoiser FLOPs {_flops(self.flops_run)} run, {_flops(self.flops_saved)} saved "
-                f"({share:.0%}; ideal speedup {self.flop_ratio:.2f}x)"
+                f"denoiser FLOPs {_flops(self.flops_run)} run of {_flops(self.flops_vanilla)} vanilla, "
+                f"{_flops(saved)} saved ({share}; ideal speedup {ratio})"
             )
+        elif self.flops_run is not None:
+            parts.append(f"denoiser FLOPs {_flops(self.flops_run)} run")
         if self.peak_cache_bytes:
             parts.append(f"cache {self.peak_cache_bytes / 2**20:.1f} MiB")
         if self.comm_by_kind:
@@ -266,12 +301,13 @@ class Report:
     def __str__(self) -> str:
         lines = [f"fastdiff report ({self.calls} call{'s' if self.calls != 1 else ''}): {self.summary()}"]
         if self.steps:
-            lines.append(f"{'step':>5} {'timestep':>9} {'calls':>5} {'seconds':>8} {'FLOPs run':>11} {'saved':>11}")
+            lines.append(f"{'step':>5} {'timestep':>9} {'calls':>5} {'seconds':>8} {'FLOPs run':>11} "
+                         f"{'vanilla':>11} {'saved':>11}")
             for s in self.steps:
                 ts = "" if s.timestep is None else f"{s.timestep:.1f}"
                 lines.append(
                     f"{s.step:>5} {ts:>9} {s.denoiser_calls:>5} {s.seconds:>8.3f} "
-                    f"{_flops(s.flops_run):>11} {_flops(s.flops_saved):>11}"
+                    f"{_flops(s.flops_run):>11} {_flops(s.flops_vanilla):>11} {_flops(s.flops_saved):>11}"
                 )
         if self.modules:
             width = max(len(m.module) for m in self.modules)
@@ -281,4 +317,8 @@ class Report:
                     f"{m.module:<{width}} {m.method:<10} {m.computed:>7} {m.reused:>6} {m.skipped:>5} "
                     f"{_flops(m.flops_saved if self.flops_run is not None else None):>12}"
                 )
+            if self.flops_run is not None:
+                lines.append("(a module's FLOPs saved are its own cost where it was reused or skipped; savings at the "
+                             "denoiser boundary, such as dropped guidance or batched calls, belong to no module, so "
+                             "the column need not add up to the total saved)")
         return "\n".join(lines)

@@ -52,6 +52,12 @@ class Method:
         """The decision for each claimed module at each of ``num_steps`` steps."""
         raise NotImplementedError
 
+    def claims_before_prepare(self, denoiser: torch.nn.Module) -> list[str] | None:
+        """The modules this method will claim once :meth:`prepare` has run, when known without
+        running it (``None``: unknown until then). Front ends check composition with it before a
+        long calibration, so a conflict costs nothing."""
+        return self.modules(denoiser)
+
     # -- optional refinements; the defaults make a method a pure plan -----------------------
     def timed_schedule(self, denoiser: torch.nn.Module, noise_levels: Sequence[float]) -> Mapping[str, Sequence[Decision]]:
         """The decisions when they depend on how noisy each step is (timestep over the training

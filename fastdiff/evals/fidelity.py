@@ -34,8 +34,9 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from ..core.accelerator import apply
+from ..core.accelerator import apply, pipeline_default_steps
 from ..core.method import Method
+from ..core.progress import all_bars_off, pipeline_bar_off, plural, progress_bar
 from ..runner import GenerationRequest, call_kwargs
 from .bench import psnr
 from .fid import (
@@ -151,23 +152,37 @@ def _save(image: Image.Image, path: Path) -> None:
 
 
 def generate_pairs(pipe: DiffusionPipeline, methods: Sequence[Method], seeds: Sequence[int], prompts: Sequence[str],
-                   out_dir: Path, request: GenerationRequest, *, batch_size: int, show_progress: bool) -> int:
-    """Generate this rank's missing images; returns how many were written."""
+                   out_dir: Path, request: GenerationRequest, *, batch_size: int, show_progress: bool,
+                   model: str = "") -> int:
+    """Generate this rank's missing images; returns how many were written.
+
+    One setting at a time, each with its own bar over its missing images; the batches are the
+    same for both (chunks of the seeds either one lacks), so a pair shares its batch composition.
+    Methods that need a calibration get it (see :func:`fastdiff.runner.prepare_methods`, which
+    ``model`` feeds) only when accelerated images are missing: a finished folder costs none.
+    """
+    from ..runner import prepare_methods
+
     for kind in KINDS:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
     pending = [s for s in seeds if any(not image_path(out_dir, kind, s).exists() for kind in KINDS)]
+    chunks = list(batched(pending, batch_size))
+    steps = request.steps or pipeline_default_steps(pipe)
     written = 0
-    chunks = progress(batched(pending, batch_size), total=math.ceil(len(pending) / batch_size),
-                      desc="generating pairs", enabled=show_progress)
-    for chunk in chunks:
+    with pipeline_bar_off(pipe):
         for kind, kind_methods in ((REFERENCE, ()), ("accelerated", methods)):
-            missing = [s for s in chunk if not image_path(out_dir, kind, s).exists()]
-            if not missing:
-                continue
-            requests = [replace(request, prompt=prompts[s % len(prompts)], seed=s) for s in missing]
-            for seed, image in zip(missing, _generate(pipe, kind_methods, requests)):
-                _save(image, image_path(out_dir, kind, seed))
-                written += 1
+            todo = [[s for s in chunk if not image_path(out_dir, kind, s).exists()] for chunk in chunks]
+            if kind_methods and any(todo):
+                with all_bars_off(not show_progress):
+                    kind_methods = prepare_methods(pipe, kind_methods, request, model)
+            desc = "+".join(m.spec() for m in kind_methods) or f"{REFERENCE} {plural(steps, 'step')}"
+            with progress_bar(total=sum(map(len, todo)), desc=desc, unit="img", enabled=show_progress) as bar:
+                for missing in filter(None, todo):
+                    requests = [replace(request, prompt=prompts[s % len(prompts)], seed=s) for s in missing]
+                    for seed, image in zip(missing, _generate(pipe, kind_methods, requests)):
+                        _save(image, image_path(out_dir, kind, seed))
+                        written += 1
+                    bar.update(len(missing))
     return written
 
 
@@ -384,7 +399,7 @@ def paired_fidelity(
     rank, world = rank_and_world()
     mine = seed_list[rank::world]
     written = generate_pairs(pipe, methods, mine, prompts, folder, request, batch_size=batch_size,
-                             show_progress=show_progress)
+                             show_progress=show_progress, model=name)
     scores = _score(extractor, folder, mine, real, batch_size=batch_size, device=pipe.device,
                     show_progress=show_progress)
     (generated,) = all_reduce([written], "sum", reduce_device(pipe.device))

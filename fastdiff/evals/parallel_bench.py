@@ -20,7 +20,8 @@ import torch
 
 from ..core.accelerator import apply
 from ..core.method import parse_method
-from ..parallel.group import check_processes_fit, launched_device
+from ..core.progress import plural, progress_bar
+from ..parallel.group import check_processes_fit, launched_device, resident_memory_bytes
 from ..parallel.patch_parallel import PatchParallel
 from ..runner import GenerationRequest, call_kwargs, load
 from .bench import psnr
@@ -38,6 +39,7 @@ class ParallelRun:
     comm_seconds: float = 0.0
     max_abs_diff: float = 0.0
     psnr_db: float = float("inf")
+    split: str = ""  # how the processes shared the image (PatchParallel.describe_split)
 
 
 @dataclass
@@ -58,6 +60,8 @@ class ParallelBenchResult:
             sent = sum(r.bytes_sent_per_step.values()) / 2**20
             lines.append(f"{r.label:40} {r.processes:>5} {r.median_s:>9.2f} {r.speedup:>7.2f}x {sent:>14.3f} "
                          f"{r.comm_seconds:>7.2f} {r.max_abs_diff:>10.2e} {r.psnr_db:>7.2f}")
+        for r in self.runs[1:]:
+            lines.append(f"  {r.label}: {r.split}")
         for r in self.runs:
             if r.bytes_sent_per_step:
                 kinds = ", ".join(f"{k} {v / 2**20:.3f}" for k, v in r.bytes_sent_per_step.items() if v)
@@ -65,25 +69,32 @@ class ParallelBenchResult:
         return "\n".join(lines)
 
 
-def _timed_calls(model: str, request: GenerationRequest, specs: list[str], warmup: int, repeats: int,
-                 device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, Any]:
+def _loaded(model: str, device: str, dtype: str, threads: int | None) -> Any:
     if threads is not None:
         torch.set_num_threads(threads)
     pipe = load(model, launched_device(device), dtype)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _timed_calls(pipe: Any, request: GenerationRequest, specs: list[str], warmup: int,
+                 repeats: int) -> tuple[list[float], np.ndarray, Any]:
     accelerator = apply(pipe, *(parse_method(s) for s in specs))
-    times, image = [], None
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        image = pipe(**call_kwargs(pipe, request), output_type="np").images
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, np.asarray(image), accelerator.report()
+    try:
+        times, image = [], None
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            image = pipe(**call_kwargs(pipe, request), output_type="np").images
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return times, np.asarray(image), accelerator.report()
+    finally:
+        accelerator.remove()
 
 
 def _worker(rank: int, model: str, request: GenerationRequest, specs: list[str], warmup: int, repeats: int,
             device: str, dtype: str, threads: int | None) -> tuple[list[float], np.ndarray, dict[str, float], float]:
-    times, image, report = _timed_calls(model, request, specs, warmup, repeats, device, dtype, threads)
+    times, image, report = _timed_calls(_loaded(model, device, dtype, threads), request, specs, warmup, repeats)
     steps = max(len(report.steps), 1)
     per_step = {kind: c.bytes_sent / steps for kind, c in report.comm_by_kind.items()
                 if kind != "wait" and not kind.startswith("vae")}  # the VAE decode runs once, not per step
@@ -92,32 +103,52 @@ def _worker(rank: int, model: str, request: GenerationRequest, specs: list[str],
 
 def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[str, list[str]], processes: int, *,
                        warmup: int = 1, repeats: int = 2, threads: int | None = None, device: str = "auto",
-                       dtype: str = "auto") -> ParallelBenchResult:
-    """``settings``: label -> method specs, each including one ``patch:...`` spec."""
+                       dtype: str = "auto", show_progress: bool = True) -> ParallelBenchResult:
+    """``settings``: label -> method specs, each including one ``patch:...`` spec. ``show_progress``:
+    a bar over the runs (one process, then each setting)."""
     from ..parallel.launch import run_processes
 
     if processes < 2:
         raise ValueError(f"--parallel: needs at least 2 processes to compare with one, got {processes}")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads: must be >= 1, got {threads}")
-    check_processes_fit(processes, device)
+    check_processes_fit(processes, device, threads=threads)
+    patches: dict[str, PatchParallel] = {}
     for label, specs in settings.items():
-        if sum(isinstance(parse_method(s), PatchParallel) for s in specs) != 1:
+        found = [m for m in map(parse_method, specs) if isinstance(m, PatchParallel)]
+        if len(found) != 1:
             raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")
+        patches[label] = found[0]
+    pipe = _loaded(model, device, dtype, threads)
+    splits = {}
+    for label, patch in patches.items():
+        try:
+            splits[label] = patch.describe_split(pipe, processes, height=request.height,
+                                                 guidance_scale=request.guidance_scale)
+        except ValueError as exc:
+            raise ValueError(f"--parallel {processes}: setting {label!r}: {exc}") from None
+    check_processes_fit(processes, device, threads=threads, process_bytes=resident_memory_bytes())
     single_specs = [s for s in next(iter(settings.values())) if not isinstance(parse_method(s), PatchParallel)]
-    times, reference, _ = _timed_calls(model, request, single_specs, warmup, repeats, device, dtype, threads)
-    single = ParallelRun("one process" + (f" ({', '.join(single_specs)})" if single_specs else ""), single_specs, 1,
-                         times, statistics.median(times))
-    runs = [single]
-    for label, specs in settings.items():
-        outcomes = run_processes(processes, _worker, model, request, specs, warmup, repeats, device, dtype, threads,
-                                 threads=threads)
-        for rank, (status, value) in enumerate(outcomes):
-            if status != "ok":
-                raise RuntimeError(f"--parallel: process {rank} of setting {label!r} failed: {value}")
-        run_times, image, per_step, comm = outcomes[0][1]
-        diff = np.abs(image.astype(np.float64) - reference.astype(np.float64))
-        runs.append(ParallelRun(label, specs, processes, run_times, statistics.median(run_times),
-                                single.median_s / statistics.median(run_times), per_step, comm,
-                                float(diff.max()), psnr(image, reference)))
+    desc = f"one process, then {plural(len(settings), 'setting')} on {processes} processes"
+    with progress_bar(total=1 + len(settings), desc=desc, unit="run", enabled=show_progress) as bar:
+        bar.set_postfix_str("one process")
+        times, reference, _ = _timed_calls(pipe, request, single_specs, warmup, repeats)
+        bar.update(1)
+        del pipe
+        single = ParallelRun("one process" + (f" ({', '.join(single_specs)})" if single_specs else ""), single_specs, 1,
+                             times, statistics.median(times), split="one process: no split")
+        runs = [single]
+        for label, specs in settings.items():
+            bar.set_postfix_str(label)
+            outcomes = run_processes(processes, _worker, model, request, specs, warmup, repeats, device, dtype, threads,
+                                     threads=threads)
+            bar.update(1)
+            for rank, (status, value) in enumerate(outcomes):
+                if status != "ok":
+                    raise RuntimeError(f"--parallel: process {rank} of setting {label!r} failed: {value}")
+            run_times, image, per_step, comm = outcomes[0][1]
+            diff = np.abs(image.astype(np.float64) - reference.astype(np.float64))
+            runs.append(ParallelRun(label, specs, processes, run_times, statistics.median(run_times),
+                                    single.median_s / statistics.median(run_times), per_step, comm,
+                                    float(diff.max()), psnr(image, reference), splits[label]))
     return ParallelBenchResult(model, asdict(request), threads, runs)

@@ -14,11 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..core.progress import pipeline_bar_off, plural, progress_bar
 from ..core.accelerator import apply
 from ..core.method import Method
 from ..runner import GenerationRequest, call_kwargs
@@ -90,8 +92,10 @@ def _requests(samples: int, seed: int, steps: int, guidance_scale: float | None,
     ]
 
 
-def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_size: int) -> tuple[torch.Tensor, float]:
-    """uint8 images N x 3 x H x W and the wall time the pipeline calls took."""
+def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_size: int,
+              bar: Any = None) -> tuple[torch.Tensor, float]:
+    """uint8 images N x 3 x H x W and the wall time the pipeline calls took (the bar's own time
+    is left out of it)."""
     chunks: list[torch.Tensor] = []
     elapsed = 0.0
     for start in range(0, len(requests), batch_size):
@@ -100,6 +104,8 @@ def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_
         images = pipe(**kwargs, output_type="np").images
         elapsed += time.perf_counter() - begin
         chunks.append(torch.from_numpy((np.asarray(images) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
+        if bar is not None:
+            bar.update(len(images))
     return torch.cat(chunks), elapsed
 
 
@@ -133,15 +139,20 @@ def evaluate_quality(
     guidance_scale: float | None = None,
     size: int | None = None,
     model: str = "digits",
+    show_progress: bool = True,
 ) -> QualityReport:
-    """Score vanilla at ``steps`` (the reference), vanilla at each of ``baseline_steps``, and each variant."""
+    """Score vanilla at ``steps`` (the reference), vanilla at each of ``baseline_steps``, and each variant.
+
+    ``show_progress``: a bar per setting on stderr over the images it generates (thousands of
+    images take a while); the pipeline's own per-call bars stay off meanwhile and its
+    configuration is restored afterwards.
+    """
     from ..models.digits import digits_split
 
     if samples < 2:
         raise ValueError(f"samples must be >= 2 for FID, got {samples}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pipe.set_progress_bar_config(disable=True)
     extractor = load_extractor("digits")
     train_images, _, _, _ = digits_split()
     real_features = extractor(train_images)
@@ -153,31 +164,34 @@ def evaluate_quality(
     settings += [(f"{REFERENCE} {k} steps", [], k) for k in baseline_steps if k != steps]
     settings += [(name, list(methods), steps) for name, methods in variants.items()]
     reference: tuple[torch.Tensor, torch.Tensor] | None = None  # images, features
-    for label, methods, count in settings:
-        accelerator = apply(pipe, *methods) if methods else None
-        try:
-            requests = _requests(samples, seed, count, guidance_scale, size)
-            images, elapsed = _generate(pipe, requests, batch_size)
-        finally:
-            if accelerator is not None:
-                accelerator.remove()
-        image_features = extractor(images)
-        is_reference = reference is None
-        if reference is None:
-            reference = (images, image_features)
-        with torch.no_grad():
-            predicted = extractor.module.classify(images)
-        report.points.append(QualityPoint(
-            label=label,
-            methods=[m.spec() for m in methods],
-            steps=count,
-            seconds_per_image=elapsed / samples,
-            denoiser_gflops_per_image=denoiser_flops(pipe, methods, requests[0]) / 1e9,
-            fid_real=_distance(real_features, image_features),
-            fid_vs_reference=None if is_reference else _distance(reference[1], image_features),
-            psnr_vs_reference=None if is_reference else psnr(reference[0].numpy(), images.numpy(), 255.0),
-            adherence=float((predicted == label_tensor).float().mean()),
-        ))
+    with pipeline_bar_off(pipe):
+        for label, methods, count in settings:
+            desc = label if methods else f"{REFERENCE} {plural(count, 'step')}"
+            accelerator = apply(pipe, *methods) if methods else None
+            try:
+                requests = _requests(samples, seed, count, guidance_scale, size)
+                with progress_bar(total=samples, desc=desc, unit="img", enabled=show_progress) as bar:
+                    images, elapsed = _generate(pipe, requests, batch_size, bar)
+            finally:
+                if accelerator is not None:
+                    accelerator.remove()
+            image_features = extractor(images)
+            is_reference = reference is None
+            if reference is None:
+                reference = (images, image_features)
+            with torch.no_grad():
+                predicted = extractor.module.classify(images)
+            report.points.append(QualityPoint(
+                label=label,
+                methods=[m.spec() for m in methods],
+                steps=count,
+                seconds_per_image=elapsed / samples,
+                denoiser_gflops_per_image=denoiser_flops(pipe, methods, requests[0]) / 1e9,
+                fid_real=_distance(real_features, image_features),
+                fid_vs_reference=None if is_reference else _distance(reference[1], image_features),
+                psnr_vs_reference=None if is_reference else psnr(reference[0].numpy(), images.numpy(), 255.0),
+                adherence=float((predicted == label_tensor).float().mean()),
+            ))
     return report
 
 

@@ -248,12 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for label, (sampler, steps) in samplers.items()}
     if args.seeds < 1:
         parser.error(f"--seeds: must be >= 1, got {args.seeds}")
-    per_seed = [run(args.model, samplers, default_prompts(args.prompts), n, args.seed + 1000 * k,
-                    block_length=args.block_length) for k in range(args.seeds)]
-    results = per_seed[0] if args.seeds == 1 else mean_over_seeds(per_seed)
+    seeds = [args.seed + 1000 * k for k in range(args.seeds)]
+    per_seed = [run(args.model, samplers, default_prompts(args.prompts), n, seed, block_length=args.block_length)
+                for seed in seeds]
+    results = per_seed[0] if len(seeds) == 1 else mean_over_seeds(per_seed)
+    tables = [(results, "")] if len(seeds) == 1 else [
+        *((rows, f"seed {seed}") for seed, rows in zip(seeds, per_seed)), (results, f"mean of {len(seeds)} seeds")]
     print(f"{'setting':34} {'model calls':>11} {'steps':>6} {'ELBO ppl':>9} {'distinct 4-grams':>17} {'s':>7}")
-    for rows, title in [*((rows, f"seed {args.seed + 1000 * k}") for k, rows in enumerate(per_seed)
-                          if args.seeds > 1), (results, f"mean of {args.seeds} seeds" if args.seeds > 1 else "")]:
+    for rows, title in tables:
         if title:
             print(f"-- {title}")
         for r in rows:
@@ -261,10 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r.distinct_4grams:>17.3f} {r.seconds:>7.1f}")
     record: dict[str, Any] = {"model": args.model, "gen_length": n, "prompts": args.prompts,
                               "block_length": args.block_length, "temperature": args.temperature,
-                              "seeds": [args.seed + 1000 * k for k in range(args.seeds)],
-                              "samplers": [asdict(r) for r in results],
+                              "seeds": seeds, "samplers": [asdict(r) for r in results],
                               **({"samplers_per_seed": [[asdict(r) for r in rows] for rows in per_seed]}
-                                 if args.seeds > 1 else {})}
+                                 if len(seeds) > 1 else {})}
     if args.reuse_steps:
         record["reuse"] = reuse_check(args.model, default_prompts(args.prompts), n, args.reuse_steps, args.seed)
         print(json.dumps(record["reuse"]))

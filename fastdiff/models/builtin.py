@@ -601,7 +601,7 @@ def _keep_in_float32(model: torch.nn.Module) -> None:
             module.to(dtype=torch.float32)
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else was meant as a path, and must not reach
     the hub, where it would fail with a confusing id-validation error."""
     return (
@@ -647,7 +647,7 @@ def load_pipeline(
     path = Path(os.path.expanduser(os.fspath(model)))
     if path.is_dir():
         return _from_pretrained(str(path), "a local pipeline directory", kwargs)
-    if not isinstance(model, str) or _looks_like_path(model) or path.exists():
+    if not isinstance(model, str) or looks_like_path(model) or path.exists():
         raise ModelLoadError(
             f"model={os.fspath(model)!r} is not a directory containing a saved diffusers pipeline, "
             f"nor a built-in model ({', '.join(BUILTIN_MODELS)})"

@@ -42,11 +42,12 @@ def process_device(requested: str = "auto") -> torch.device:
     not declined (``requested="cpu"``, or accelerate's ``ACCELERATE_USE_CPU``)."""
     if not torch.cuda.is_available() or _cpu_requested(requested):
         return torch.device("cpu")
+    if launched_world_size() == 1:
+        return torch.device("cuda", torch.cuda.current_device())
     local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-    if launched_world_size() > 1 and local_rank >= gpus:
-        # two processes on one GPU would make NCCL fail with "Duplicate GPU detected"
+    if local_rank >= gpus:  # two processes on one GPU would make NCCL fail with "Duplicate GPU detected"
         raise ValueError(f"process {local_rank} of this machine has no GPU of its own: {_gpu_shortage(gpus)}")
-    return torch.device("cuda", local_rank if launched_world_size() > 1 else torch.cuda.current_device())
+    return torch.device("cuda", local_rank)
 
 
 def _gpu_shortage(gpus: int) -> str:
@@ -55,10 +56,56 @@ def _gpu_shortage(gpus: int) -> str:
             "over gloo")
 
 
-def check_processes_fit(processes: int, requested: str = "auto") -> None:
-    """Refuse, before anything is started, a local launch with more GPU processes than GPUs."""
-    if torch.cuda.is_available() and not _cpu_requested(requested) and processes > torch.cuda.device_count():
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give out without swapping (Linux ``MemAvailable``); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def resident_memory_bytes() -> int | None:
+    """This process's resident memory (Linux); a fresh process that loads the same pipeline needs
+    about as much, which is how a local launch's memory need is estimated."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def check_processes_fit(processes: int, requested: str = "auto", *, threads: int | None = None,
+                        process_bytes: int | None = None) -> None:
+    """Refuse, before anything is started, a local launch this machine cannot hold: more GPU
+    processes than GPUs, more CPU processes (times ``threads``) than cores, or more memory than
+    is available (``process_bytes`` each)."""
+    on_gpu = torch.cuda.is_available() and not _cpu_requested(requested)
+    if on_gpu and processes > torch.cuda.device_count():
         raise ValueError(f"--parallel: {processes} processes on GPUs: {_gpu_shortage(torch.cuda.device_count())}")
+    cores = available_cores()
+    if not on_gpu and processes * (threads or 1) > cores:
+        need = f"{processes} processes" + (f" x {threads} threads" if threads and threads > 1 else "")
+        raise ValueError(f"--parallel: {need} on the CPU need {processes * (threads or 1)} cores and this machine "
+                         f"has {cores}: processes sharing a core only wait for each other; use at most "
+                         f"{max(cores // (threads or 1), 1)} processes" + (" or fewer --threads" if threads and threads > 1 else ""))
+    available = available_memory_bytes()
+    if process_bytes and available is not None and processes * process_bytes > available:
+        raise ValueError(f"--parallel: {processes} processes need about {processes * process_bytes / 2**30:.1f} GiB "
+                         f"({process_bytes / 2**30:.2f} GiB each, as much as this one holds with the pipeline loaded) "
+                         f"and {available / 2**30:.1f} GiB are available; use at most "
+                         f"{max(available // process_bytes, 1)} processes")
 
 
 def launched_device(requested: str = "auto") -> str:

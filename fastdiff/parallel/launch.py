@@ -44,6 +44,17 @@ def _child(rank: int, world_size: int, port: int, threads: int | None, target: C
         dist.destroy_process_group()
 
 
+def _stop(processes: list[Any], grace_s: float = 5.0) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def run_processes(world_size: int, target: Callable[..., Any], *args: Any,
                   threads: int | None = None) -> list[tuple[str, Any]]:
     """Run ``target(rank, *args)`` in ``world_size`` fresh processes; ``[(status, result), ...]`` by
@@ -51,8 +62,12 @@ def run_processes(world_size: int, target: Callable[..., Any], *args: Any,
     with tempfile.TemporaryDirectory() as folder:
         context = mp.start_processes(_child, args=(world_size, free_port(), threads, target, args, folder),
                                      nprocs=world_size, join=False, start_method="spawn")
-        while not context.join():
-            pass
+        try:
+            while not context.join():
+                pass
+        except BaseException:  # Ctrl-C or a failed child: none of the others may outlive this call
+            _stop(context.processes)
+            raise
         outcomes = []
         for rank in range(world_size):
             file = Path(folder, f"{rank}.pkl")

@@ -20,6 +20,7 @@ Modes:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,20 @@ def _row_unit(denoiser: torch.nn.Module) -> int:
     return 2 ** sum(1 for block in denoiser.down_blocks if getattr(block, "downsamplers", None))
 
 
+def _latent_rows(pipe: Any, denoiser: torch.nn.Module, height: int | None) -> int:
+    """Latent rows of a call at ``height`` pixels (the pipeline's default size without one)."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    takes_height = "height" in inspect.signature(type(pipe).__call__).parameters
+    if height is not None and takes_height:
+        return height // scale
+    size = getattr(denoiser.config, "sample_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    if not isinstance(size, int):
+        raise ValueError(f"PatchParallel: cannot tell the latent height of {type(pipe).__name__}; give --height")
+    return size
+
+
 def _layer_hooks(root: torch.nn.Module, current: Any, as_modules: bool = False) -> list[tuple[Any, Any]]:
     """Patch-aware hooks for every k×k convolution, GroupNorm and self-attention under ``root``."""
     from diffusers.models.attention_processor import Attention
@@ -116,10 +131,14 @@ class PatchParallel(Method):
         warmup_steps: DistriFusion's synchronous steps; ``>=`` the step count means every step is
             synchronous (the same as ``mode="sync"``).
         neighbor_fraction: PCPP's share of each neighbouring patch's rows that self-attention sees.
-        split_guidance: with classifier-free guidance and an even number of processes (>= 2), half
-            of them compute the unconditional branch and half the conditional one, each half
-            splitting its image into patches; the halves swap results at every step. Otherwise
-            (no guidance, one or an odd number of processes) every process takes both halves.
+        split_guidance: off by default, so that every process takes a row patch and ``mode``
+            decides how patches exchange. On: with classifier-free guidance and an even number of
+            processes, half of them compute the unconditional branch and half the conditional
+            one, each half splitting its image into patches; the halves swap results at every
+            step. With two processes that is a pure guidance split (no patches, nothing for
+            ``mode`` to do): exact and the least traffic, but it cannot use more than two
+            processes per image on its own. Without guidance or with an odd number of processes
+            every process takes both halves. :meth:`describe_split` says which split a call gets.
         timeout: seconds a process waits for the others before failing (a crashed peer).
         bucket_mb: DistriFusion sends its stale activations in flat buffers of about this many MiB,
             each as soon as it fills, so early layers' data travels while later layers compute;
@@ -133,7 +152,7 @@ class PatchParallel(Method):
     mode: str = "distrifusion"
     warmup_steps: int = 4
     neighbor_fraction: float = 0.5
-    split_guidance: bool = True
+    split_guidance: bool = False
     timeout: float = DEFAULT_TIMEOUT_S
     bucket_mb: float = 16.0
     _group: ProcessGroup | None = field(default=None, init=False, repr=False, compare=False)
@@ -153,8 +172,11 @@ class PatchParallel(Method):
 
     @property
     def group(self) -> ProcessGroup:
+        """The group joined when the method was installed (``_join``): only then is the denoiser's
+        device, and with it the backend, known."""
         if self._group is None:
-            self._group = process_group(self.timeout)
+            raise RuntimeError("PatchParallel: no process group yet; it is joined when fastdiff.apply installs "
+                               "the method on a pipeline")
         return self._group
 
     def _join(self, denoiser: torch.nn.Module) -> ProcessGroup:
@@ -165,6 +187,30 @@ class PatchParallel(Method):
             where = "cpu" if parameter is None or parameter.device.type == "cpu" else "auto"
             self._group = process_group(self.timeout, requested=where)
         return self._group
+
+    # -- before anything runs ------------------------------------------------------------------
+    def describe_split(self, pipe: Any, world_size: int, *, height: int | None = None,
+                       guidance_scale: float | None = None) -> str:
+        """How ``world_size`` processes will share a call of ``pipe`` at ``height`` (pixels), in words;
+        raises ``ValueError`` when they cannot (more patches than latent rows). Front ends call it
+        before starting processes or the first denoiser call, so the mistake costs nothing."""
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        if denoiser is None or world_size <= 1:
+            return "one process: no split"
+        rows = _latent_rows(pipe, denoiser, height)
+        if guidance_scale is None:
+            parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
+            guidance_scale = parameter.default if parameter is not None else None
+        guided = isinstance(guidance_scale, (int, float)) and guidance_scale > 1
+        halves = self.split_guidance and guided and world_size % 2 == 0
+        patches = world_size // 2 if halves else world_size
+        if patches > 1:
+            row_partition(rows, patches, _row_unit(denoiser))  # raises when the latent is too short
+        if halves and patches == 1:
+            return (f"guidance split: {world_size} processes take one classifier-free guidance half each, "
+                    f"no row patches (mode {self.mode!r} has nothing to exchange)")
+        where = f"{patches} row patches of a {rows}-row latent ({self.mode})"
+        return f"guidance split into 2 halves, each in {where}" if halves else where
 
     # -- the Method contract ----------------------------------------------------------------
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
@@ -182,11 +228,19 @@ class PatchParallel(Method):
             )
         if self._join(denoiser).world_size == 1:
             global _WARNED_ONE_PROCESS
-            if self.split_guidance and not _WARNED_ONE_PROCESS:
+            if not _WARNED_ONE_PROCESS:
                 _WARNED_ONE_PROCESS = True
                 warnings.warn("PatchParallel: one process (not launched with torchrun/accelerate): nothing to split, "
-                              "patches and split_guidance are off", stacklevel=3)
+                              "the pipeline runs as usual", stacklevel=3)
             return []
+        if self.split_guidance and self.group.world_size % 2 == 0:
+            gated = [m.name for m in runtime.methods if m.name == "tgate"]
+            if gated:
+                raise ValueError(
+                    "PatchParallel(split_guidance=True) and TGate cannot be combined: each process would see one "
+                    "guidance half, and T-GATE keeps the mean of both halves' cross-attention at its gate; use "
+                    "split_guidance=False (row patches) with TGate"
+                )
         if self.split_guidance and self._halves is None:
             self._halves = _make_halves(self.group)
         state = runtime.call_state
@@ -250,6 +304,10 @@ class PatchParallel(Method):
                 warnings.warn(f"PatchParallel: warmup_steps={self.warmup_steps} covers all {steps} steps, so every "
                               "step exchanges synchronously (exact, no stale activations)", stacklevel=2)
         halves = state["halves"]
+        if halves is not None and batch % 2:
+            # guidance dropped part-way (T-GATE after its gate): both halves compute the same
+            # whole batch, each still patched among its own members, and nothing is swapped
+            halves = None
         if halves is not None:
             half = batch // 2
             take = lambda t: t[halves.part * half:(halves.part + 1) * half]  # noqa: E731
