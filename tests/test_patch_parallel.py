@@ -302,6 +302,7 @@ def test_launchers_run_the_cli(tmp_path, launcher):
     assert (tmp_path / "out.png").exists()
 
 
+@pytest.mark.filterwarnings("ignore:PatchParallel. one process")
 def test_bad_input():
     with pytest.raises(ValueError, match="mode must be one of"):
         PatchParallel(mode="fast")
