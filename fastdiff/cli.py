@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate an image with a pipeline, accelerated")
     _common(gen)
-    gen.add_argument("--out", default="image.png", help="output PNG path")
+    gen.add_argument("--out", default="image.png",
+                     help="output image (.png, .jpg, ...); a video model writes an animated .png (APNG), .gif or .webp")
     gen.add_argument("--no-flops", action="store_true", help="do not count FLOPs (faster on large models)")
     gen.add_argument("--show-plan", action="store_true", help="print the reuse plan before generating")
 
@@ -211,12 +212,15 @@ def _check_patches(pipe, methods: list[Method], request, world_size: int) -> str
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .parallel.group import is_main_process, launched_device, launched_world_size
+    from .media import VIDEO_SUFFIXES, Video, makes_video, save_output
     from .runner import generate, prepare_methods
 
     check_output_file("--out", args.out, _image_suffixes(), "an image format Pillow writes (.png, .jpg, .webp, ...)")
     check_model_argument(args.model)
     request = _request(args)
     pipe = _load(args, launched_device(args.device))
+    if makes_video(pipe):
+        check_output_file("--out", args.out, list(VIDEO_SUFFIXES), "an animated image: .png (APNG), .gif or .webp")
     split = _check_patches(pipe, args.method, request, launched_world_size())
     args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
@@ -227,9 +231,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    save_output(image, out)
     methods = ", ".join(m.spec() for m in args.method) or "no method"
-    print(f"wrote {out} ({image.width}x{image.height}) with {methods}: {accelerator.report().summary()}")
+    frames = f", {len(image)} frames" if isinstance(image, Video) else ""
+    print(f"wrote {out} ({image.width}x{image.height}{frames}) with {methods}: {accelerator.report().summary()}")
     if split is not None and launched_world_size() > 1:
         print(f"split over {launched_world_size()} processes: {split}")
     return 0

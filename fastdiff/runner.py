@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 
 from .core.accelerator import check_composition, pipeline_default_steps
 from .core.method import Method
+from .media import pipeline_outputs
 from .models import builtin_info, is_builtin, load_pipeline
 
 
@@ -37,6 +38,7 @@ class GenerationRequest:
     guidance_scale: float | None = None
     negative_prompt: str | None = None
     batch_size: int = 1
+    num_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -47,6 +49,8 @@ class GenerationRequest:
                 raise ValueError(f"{name} must be a multiple of 8 and >= 8, got {value}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
 
     def with_model_defaults(self, model: str) -> GenerationRequest:
         """Fill unset fields from a built-in model's recommended settings."""
@@ -59,6 +63,7 @@ class GenerationRequest:
             height=self.height or info.height,
             width=self.width or info.width,
             guidance_scale=self.guidance_scale if self.guidance_scale is not None else info.guidance_scale,
+            num_frames=self.num_frames or info.num_frames,
         )
 
 
@@ -103,7 +108,7 @@ def call_kwargs(pipe: DiffusionPipeline, request: GenerationRequest) -> dict[str
         kwargs["class_labels"] = _class_labels(pipe, request.prompt) * request.batch_size
     if request.steps is not None:
         kwargs["num_inference_steps"] = request.steps
-    for name in ("height", "width", "guidance_scale"):
+    for name in ("height", "width", "guidance_scale", "num_frames"):
         value = getattr(request, name)
         if value is not None and name in params:
             kwargs[name] = value
@@ -138,7 +143,7 @@ def _class_labels(pipe: DiffusionPipeline, prompt: str) -> list[int]:
 
 
 def generate(pipe: DiffusionPipeline, request: GenerationRequest, output_type: str = "pil") -> Any:
-    return pipe(**call_kwargs(pipe, request), output_type=output_type).images
+    return pipeline_outputs(pipe(**call_kwargs(pipe, request), output_type=output_type))
 
 
 CALIBRATION_SEED = 10_000  # far from the seeds benchmarks and evaluations generate with
@@ -159,7 +164,7 @@ def prepare_methods(pipe: DiffusionPipeline, methods: Sequence[Method], request:
     Methods that could not be applied together are refused first, before any calibration runs."""
     check_composition(pipe, methods)
     steps = request.steps or pipeline_default_steps(pipe)
-    settings = {name: getattr(request, name) for name in ("height", "width", "guidance_scale")
+    settings = {name: getattr(request, name) for name in ("height", "width", "guidance_scale", "num_frames")
                 if getattr(request, name) is not None and name in inspect.signature(type(pipe).__call__).parameters}
     return [m.prepare(pipe, steps=steps, prompts=calibration_prompts(model, request), seed=CALIBRATION_SEED,
                       **settings) for m in methods]

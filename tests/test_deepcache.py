@@ -95,7 +95,7 @@ def test_repeated_calls_are_identical_and_reset(sd_pipe):
     assert acc.ledger.calls == [0, 1]
     assert [s.step for s in acc.report().steps] == list(range(6))
     assert not acc.clock.active
-    assert all(hook.cached is None for hook in acc._reuse_hooks)  # nothing held between calls
+    assert all(not hook.kept for hook in acc._reuse_hooks)  # nothing held between calls
 
 
 def test_batch_size_resolution_and_steps_change(sd_pipe):

@@ -24,7 +24,9 @@ from fastdiff.models import (
 )
 from fastdiff.models.tokenizers import CLIP_MERGES_FILE, CLIP_VOCAB_FILE, write_clip_tokenizer_files
 
-TINY_MODELS = tuple(name for name in BUILTIN_MODELS if name.startswith("tiny-"))
+# The flow-matching families (SD3, Flux, Wan video) have their own file: test_builtin_families.py.
+FAMILY_MODELS = ("tiny-sd3", "tiny-flux", "tiny-wan")
+TINY_MODELS = tuple(name for name in BUILTIN_MODELS if name.startswith("tiny-") and name not in FAMILY_MODELS)
 UNICODE_TEXT = "Größe – ça  va? 日本語の猫 😀 Ωmega Привет"
 
 
@@ -49,7 +51,10 @@ def _state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
 
 
 def test_registry_lists_all_builtins() -> None:
-    assert set(BUILTIN_MODELS) == {"tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "sd15-arch", "digits"}
+    assert set(BUILTIN_MODELS) == {
+        "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-wan",
+        "sd15-arch", "sd3-arch", "digits",
+    }
     assert default_size("tiny-sd") == (64, 64)
     assert default_size("sd15-arch") == (256, 256)
     assert "height" not in builtin_info("tiny-dit").call_kwargs()

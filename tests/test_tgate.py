@@ -152,7 +152,7 @@ def test_bad_input(sd_pipe, dit_pipe):
         TGate(keep_half="both")
     with pytest.raises(ValueError, match=r"gate_step=30 is outside the 20 steps"):
         fastdiff.apply(sd_pipe, TGate(gate_step=30)).plan_for(20)
-    with pytest.raises(TypeError, match="DiTTransformer2DModel has none"):
+    with pytest.raises(TypeError, match=r"DiTTransformer2DModel \(dit\) has none"):
         fastdiff.apply(dit_pipe, TGate())
     assert not hasattr(dit_pipe, "acceleration")
 

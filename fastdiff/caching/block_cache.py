@@ -26,7 +26,9 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision, Plan
-from ..core.rules import ReuseRule, first_input, main_tensor, with_main_tensor
+from ..anatomy import BlockIO, anatomy_of
+from ..anatomy.base import SINGLE_STREAM
+from ..core.rules import ReuseRule
 from .block_schedule import kept_fraction, schedule_from_changes, threshold_for_budget
 from .blocks import GRANULARITIES, block_paths, fingerprint
 
@@ -38,16 +40,31 @@ BUDGET_WEIGHTS = ("evaluations", "flops")
 FORMAT = "fastdiff.blockcache/1"
 
 
-def cached_quantity(args: tuple, kwargs: dict, output: Any, residual: bool) -> tuple[torch.Tensor | None, bool]:
-    """The tensor a block keeps: its output's main tensor, or that minus the input (residual)."""
-    main = main_tensor(output)
+def cached_quantity(args: tuple, kwargs: dict, output: Any, residual: bool,
+                    io: BlockIO = SINGLE_STREAM) -> tuple[torch.Tensor | None, bool]:
+    """The tensor a block keeps of its image stream: the stream itself, or it minus the block's
+    input stream (residual)."""
+    main = io.image_of(output)
     if main is None:
         return None, False
     if residual:
-        x = first_input(args, kwargs)
+        x = io.image_in(args, kwargs)
         if isinstance(x, torch.Tensor) and x.shape == main.shape:
             return main - x, True
     return main, False
+
+
+def _text_quantity(args: tuple, kwargs: dict, output: Any, residual: bool,
+                   io: BlockIO) -> tuple[torch.Tensor | None, bool]:
+    """The same for a dual-stream block's text stream (MMDiT), which the next block reads too."""
+    text = io.text_of(output)
+    if text is None:
+        return None, False
+    if residual:
+        x = io.text_in(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.shape == text.shape:
+            return text - x, True
+    return text, False
 
 
 def channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
@@ -60,17 +77,21 @@ def channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor | Non
 
 
 class BlockRule(ReuseRule):
-    """Keeps a block's output (or residual) and gives it back, scaled and shifted per channel if fitted."""
+    """Keeps a block's output (or residual) and gives it back, scaled and shifted per channel if
+    fitted. A dual-stream block (MMDiT) keeps its text stream the same way, unfitted."""
 
-    def __init__(self, residual: bool, alignment: Mapping[int, tuple[Sequence[float], Sequence[float]]] | None) -> None:
+    def __init__(self, residual: bool, alignment: Mapping[int, tuple[Sequence[float], Sequence[float]]] | None,
+                 io: BlockIO = SINGLE_STREAM) -> None:
         self.residual = residual
+        self.io = io
         self.alignment = {int(k): v for k, v in (alignment or {}).items()}
         self._moved: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
-        quantity, is_residual = cached_quantity(args, kwargs, output, self.residual)
+        quantity, is_residual = cached_quantity(args, kwargs, output, self.residual, self.io)
+        text = _text_quantity(args, kwargs, output, self.residual, self.io)
         container = None if isinstance(output, torch.Tensor) and quantity is not None else output
-        return (quantity, is_residual, container)
+        return (quantity, is_residual, container, text)
 
     def _align(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
         fitted = self.alignment.get(step)
@@ -90,15 +111,19 @@ class BlockRule(ReuseRule):
                 kept_signature: tuple | None) -> Any | None:
         if signature != kept_signature:
             return None
-        quantity, is_residual, container = kept
+        quantity, is_residual, container, (text, text_residual) = kept
         if quantity is None:
             return container
         value = self._align(quantity, step)
         if is_residual:
-            value = first_input(args, kwargs) + value
+            value = self.io.image_in(args, kwargs) + value
+        if text is not None and text_residual:
+            text = self.io.text_in(args, kwargs) + text
         if container is None:
             return value
-        return with_main_tensor(container, value) if value is not quantity else container
+        if value is quantity and text is None:
+            return container
+        return self.io.rebuild(container, value, text)
 
 
 @dataclass
@@ -290,7 +315,7 @@ class BlockCache(Method):
         alignment = None
         if self.align:
             alignment = (self._calibration().alignment or {}).get(path)
-        return BlockRule(self.cache == "residual", alignment)
+        return BlockRule(self.cache == "residual", alignment, anatomy_of(denoiser, "BlockCache").io(path))
 
     def preferred_steps(self) -> int | None:
         return None if self.calibration is None else self._calibration().num_steps

@@ -23,7 +23,9 @@ from ..core.accelerator import apply, find_denoiser
 from ..core.method import Method
 from ..core.progress import pipeline_bar_off, plural, progress_bar, times_sign
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, main_tensor
+from ..anatomy import BlockIO, anatomy_of
+from ..anatomy.base import SINGLE_STREAM
+from ..core.rules import ReuseRule
 from .block_cache import DEFAULT_THRESHOLD, BlockCache, BlockCacheCalibration, cached_quantity
 from .block_schedule import schedule_from_changes, threshold_for_budget
 from .blocks import block_paths, fingerprint
@@ -63,16 +65,17 @@ class _ChangeRule(ReuseRule):
 
     observes = True
 
-    def __init__(self, probe: _Probe, residual: bool) -> None:
+    def __init__(self, probe: _Probe, residual: bool, io: BlockIO = SINGLE_STREAM) -> None:
         self.probe = probe
         self.residual = residual
+        self.io = io
         self.previous: dict[int, torch.Tensor] = {}
         self.sums: dict[int, float] = defaultdict(float)
         self.counts: dict[int, int] = defaultdict(int)
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
-        quantity, _ = cached_quantity(args, kwargs, output, self.residual)
-        main = main_tensor(output)
+        quantity, _ = cached_quantity(args, kwargs, output, self.residual, self.io)
+        main = self.io.image_of(output)
         if quantity is None or main is None:
             return output
         ordinal = self.probe.clock.calls_in_step
@@ -123,15 +126,16 @@ class _FitRule(ReuseRule):
 
     observes = True
 
-    def __init__(self, probe: _Probe, residual: bool, row: Sequence[Decision]) -> None:
+    def __init__(self, probe: _Probe, residual: bool, row: Sequence[Decision], io: BlockIO = SINGLE_STREAM) -> None:
         self.probe = probe
         self.residual = residual
         self.row = row
+        self.io = io
         self.source: dict[int, torch.Tensor] = {}
         self.moments: dict[int, _Moments] = {}
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
-        quantity, _ = cached_quantity(args, kwargs, output, self.residual)
+        quantity, _ = cached_quantity(args, kwargs, output, self.residual, self.io)
         if quantity is None or step >= len(self.row):
             return output
         ordinal = self.probe.clock.calls_in_step
@@ -251,13 +255,14 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
     BlockCache(threshold=threshold, budget=budget, granularity=granularity, cache=cache, budget_by=budget_by)
     _, denoiser = find_denoiser(pipe)
     paths = block_paths(denoiser, granularity)
+    anatomy = anatomy_of(denoiser, "BlockCache")
     residual = cache == "residual"
     calls = _prompt_calls(pipe, prompts, steps, seed, call_kwargs)
 
     with calibration_bar("blockcache", len(calls), steps, 2 if align else 1, show_progress) as bar:
         progress = StepProgress(bar, steps)
         probe = _Probe(paths=paths)
-        change_rules = {path: _ChangeRule(probe, residual) for path in paths}
+        change_rules = {path: _ChangeRule(probe, residual, anatomy.io(path)) for path in paths}
         probe.rules = dict(change_rules)
         accelerator = _observe(pipe, probe, calls, count_flops=True, progress=progress)
         change = {path: rule.profile(steps) for path, rule in change_rules.items()}
@@ -278,7 +283,7 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
                 if budget is not None else DEFAULT_THRESHOLD)
             rows = schedule_from_changes(change, delta)
             probe = _Probe(paths=paths)
-            fit_rules = {path: _FitRule(probe, residual, rows[path]) for path in paths}
+            fit_rules = {path: _FitRule(probe, residual, rows[path], anatomy.io(path)) for path in paths}
             probe.rules = dict(fit_rules)
             _observe(pipe, probe, calls, count_flops=False, progress=progress)
             calibration.aligned_rows = {m: "".join(d.symbol for d in r) for m, r in rows.items()}

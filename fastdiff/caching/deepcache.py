@@ -15,22 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..anatomy import Anatomy, anatomy_of
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule
 from .block_cache import BlockRule
-from .blocks import is_transformer
 
 MODES = ("uniform", "nonuniform")
 LAYERS_PER_LEVEL = 3  # branch ids per resolution level: the up blocks' resnet count in SD-style UNets
-
-
-def _require_unet(denoiser: torch.nn.Module) -> None:
-    if not (hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")):
-        raise TypeError(
-            f"DeepCache acts on UNet denoisers (with down_blocks/up_blocks, e.g. UNet2DConditionModel) "
-            f"and transformer denoisers (transformer_blocks); got {type(denoiser).__name__}"
-        )
 
 
 def centered_full_steps(num_steps: int, count: int, center: int, power: float) -> list[int]:
@@ -91,9 +83,7 @@ class DeepCache(Method):
         if self.center is not None and self.center < 0:
             raise ValueError(f"DeepCache: center must be >= 0, got {self.center!r}")
 
-    def _branch(self, denoiser: torch.nn.Module) -> tuple[int, int]:
-        _require_unet(denoiser)
-        levels = len(denoiser.down_blocks)
+    def _branch(self, levels: int) -> tuple[int, int]:
         if self.branch >= levels * LAYERS_PER_LEVEL:
             raise ValueError(
                 f"DeepCache: branch={self.branch} is deeper than this UNet has "
@@ -101,48 +91,54 @@ class DeepCache(Method):
             )
         return divmod(self.branch, LAYERS_PER_LEVEL)
 
-    def _transformer_paths(self, denoiser: torch.nn.Module) -> list[str]:
-        count = len(denoiser.transformer_blocks)
+    def _transformer_paths(self, anatomy: Anatomy) -> list[str]:
+        paths = anatomy.block_paths_in_order
+        count = len(paths)
         if 2 * self.branch >= count:
             raise ValueError(
                 f"DeepCache: branch={self.branch} keeps {2 * self.branch} of the {count} transformer blocks live, "
                 f"leaving none to cache; allowed 0..{(count - 1) // 2}"
             )
-        return [f"transformer_blocks.{i}" for i in range(self.branch, count - self.branch)]
+        return paths[self.branch:count - self.branch]
 
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         """Maximal subtrees deeper than the branch, in execution order.
 
-        On a transformer (DiT, PixArt) the blocks between the first ``branch`` and the last
-        ``branch`` are cached; each keeps what it adds to its input, so the live blocks around
-        them still see the current step.
+        On a transformer the blocks between the first ``branch`` and the last ``branch`` are
+        cached, counted over all its stages (Flux: its dual-stream blocks, then its single-stream
+        ones); each keeps what it adds to each stream it hands on (image, and text on MMDiT
+        blocks), so the live blocks around them still see the current step.
         """
-        if is_transformer(denoiser):
-            return self._transformer_paths(denoiser)
-        level, layer = self._branch(denoiser)
+        anatomy = anatomy_of(denoiser, "DeepCache")
+        if not anatomy.is_unet:
+            return self._transformer_paths(anatomy)
+        unet = anatomy.unet
+        modules = dict(denoiser.named_modules())
+        level, layer = self._branch(len(unet.down))
         paths: list[str] = []
-        for i, block in enumerate(denoiser.down_blocks):
+        for i, prefix in enumerate(unet.down):
+            block = modules[prefix]
             if i > level or (i == level and layer == 0):
-                paths.append(f"down_blocks.{i}")
+                paths.append(prefix)
             elif i == level:
                 for j in range(len(block.resnets)):
                     if j >= layer:
-                        paths += _layer_paths(block, f"down_blocks.{i}", j)
+                        paths += _layer_paths(block, prefix, j)
                 for j, _ in enumerate(getattr(block, "downsamplers", None) or []):
                     if len(block.resnets) >= layer:
-                        paths.append(f"down_blocks.{i}.downsamplers.{j}")
-        if getattr(denoiser, "mid_block", None) is not None:
-            paths.append("mid_block")
-        ups = len(denoiser.up_blocks)
-        for u, block in enumerate(denoiser.up_blocks):
-            depth = ups - u - 1  # the authors count up blocks from the output end
+                        paths.append(f"{prefix}.downsamplers.{j}")
+        if unet.mid is not None:
+            paths.append(unet.mid)
+        for u, prefix in enumerate(unet.up):
+            depth = len(unet.up) - u - 1  # the authors count up blocks from the output end
             if depth > level:
-                paths.append(f"up_blocks.{u}")
+                paths.append(prefix)
             elif depth == level:
+                block = modules[prefix]
                 count = len(block.resnets)
                 for j in range(count):
                     if count - j - 1 > layer:
-                        paths += _layer_paths(block, f"up_blocks.{u}", j)
+                        paths += _layer_paths(block, prefix, j)
         return paths
 
     def full_steps(self, num_steps: int) -> list[int]:
@@ -153,7 +149,8 @@ class DeepCache(Method):
         return centered_full_steps(num_steps, count, center, self.power)
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
-        return BlockRule(residual=True, alignment=None) if is_transformer(denoiser) else None
+        anatomy = anatomy_of(denoiser, "DeepCache")
+        return None if anatomy.is_unet else BlockRule(residual=True, alignment=None, io=anatomy.io(path))
 
     def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
         full = set(self.full_steps(num_steps))

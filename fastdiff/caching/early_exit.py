@@ -38,9 +38,10 @@ import torch
 
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, first_input, main_tensor
+from ..anatomy import Anatomy, anatomy_of
+from ..core.rules import ReuseRule
 from ..core.timeline import noise_levels
-from .blocks import fingerprint, is_unet
+from .blocks import fingerprint
 from .exit_finetune import finetune
 from .exit_ladder import ExitLadder, exit_ladder, exiting
 
@@ -193,7 +194,7 @@ class EarlyExit(Method):
         """``"auto"`` made concrete for this denoiser; any other schedule as given."""
         if self.schedule != "auto":
             return self.schedule
-        return "calibrated" if is_unet(denoiser) else "demo"
+        return "calibrated" if anatomy_of(denoiser, "EarlyExit").is_unet else "demo"
 
     def _ladder_and_depths(self, denoiser: torch.nn.Module) -> tuple[ExitLadder, list[int]]:
         ladder = exit_ladder(denoiser)
@@ -260,7 +261,7 @@ class EarlyExit(Method):
         _, denoiser = find_denoiser(pipe)
         ladder = exit_ladder(denoiser)
         probe = _Probe()
-        watch = _PieceWatch(probe, ladder)
+        watch = _PieceWatch(probe, ladder, anatomy_of(denoiser, "EarlyExit"))
         probe.paths = watch.paths
         probe.rules = {path: _PieceRule(watch, path) for path in watch.paths}
         calls = _prompt_calls(pipe, prompts, steps, seed, call_kwargs)
@@ -310,9 +311,10 @@ class _PieceWatch:
     """Per denoiser call, the hidden state entering each droppable piece; at the piece's exit, the
     relative L1 distance between what left and what entered, per step."""
 
-    def __init__(self, probe: Any, ladder: ExitLadder) -> None:
+    def __init__(self, probe: Any, ladder: ExitLadder, anatomy: Anatomy) -> None:
         self.probe = probe
         self.ladder = ladder
+        self.anatomy = anatomy
         self.opens: dict[str, list[int]] = defaultdict(list)
         self.closes: dict[str, list[int]] = defaultdict(list)
         for kept in ladder.skipped:
@@ -325,11 +327,12 @@ class _PieceWatch:
 
     def observe(self, path: str, args: tuple, kwargs: dict, output: Any, step: int) -> None:
         ordinal = self.probe.clock.calls_in_step
-        entering = first_input(args, kwargs)
+        io = self.anatomy.io(path)
+        entering = io.image_in(args, kwargs)
         for kept in self.opens.get(path, []):
             if isinstance(entering, torch.Tensor):
                 self.entered[(kept, ordinal)] = entering.detach()
-        leaving = main_tensor(output)
+        leaving = io.image_of(output)
         for kept in self.closes.get(path, []):
             before = self.entered.pop((kept, ordinal), None)
             if leaving is None or before is None or before.shape != leaving.shape:

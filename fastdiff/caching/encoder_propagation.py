@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..anatomy import anatomy_of
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, batch_multiple, denoiser_sample, first_input, map_batched, tile_batch
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 PAPER_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 PAPER_STEPS = 50
-ENCODER_PARTS = ("conv_in", "down_blocks", "mid_block")
 # denoiser inputs that come from another network each step: their future values are unknown
 PER_STEP_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                       "down_intrablock_additional_residuals")
@@ -165,16 +165,15 @@ class EncoderPropagation(Method):
         return sorted(set(self.key_steps))
 
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
-        missing = [name for name in ("conv_in", "down_blocks", "up_blocks") if getattr(denoiser, name, None) is None]
-        if missing or not isinstance(denoiser.down_blocks, torch.nn.ModuleList):
+        anatomy = anatomy_of(denoiser, "EncoderPropagation")
+        if anatomy.unet is None:
             raise TypeError(
-                f"EncoderPropagation needs a UNet with conv_in, down_blocks, mid_block and up_blocks "
-                f"(e.g. UNet2DConditionModel); {type(denoiser).__name__} lacks {missing or ['down_blocks']}"
+                f"EncoderPropagation needs a UNet with an encoder/decoder split (conv_in, down blocks and mid block "
+                f"feeding the up blocks through skip connections, e.g. UNet2DConditionModel); "
+                f"{anatomy.denoiser} ({anatomy.family}) is a transformer, whose blocks all feed the next: there is "
+                "no encoder whose features a decoder could reuse"
             )
-        paths = ["conv_in"] + [f"down_blocks.{i}" for i in range(len(denoiser.down_blocks))]
-        if getattr(denoiser, "mid_block", None) is not None:
-            paths.append("mid_block")
-        return paths
+        return list(anatomy.unet.encoder)
 
     def schedule(self, denoiser: torch.nn.Module, num_steps: int) -> Mapping[str, Sequence[Decision]]:
         keys = set(self.key_steps_for(num_steps))
@@ -198,10 +197,11 @@ class EncoderPropagation(Method):
             expected_sample, output = ready
             if sample is not None and tuple(sample.shape) == expected_sample:
                 return output
-        if runtime.decision("conv_in") is not Decision.REUSE or runtime.clock.num_steps is None:
+        entry = anatomy_of(runtime.denoiser, "EncoderPropagation").unet.conv_in  # the encoder's first module
+        if runtime.decision(entry) is not Decision.REUSE or runtime.clock.num_steps is None:
             return forward(*args, **kwargs)
         # stacking is only right when every stacked step reuses the same kept encoder features
-        run = self._run_length(runtime, step) if self._live.kept_batch == self._live.step_batch else 1
+        run = self._run_length(runtime, step, entry) if self._live.kept_batch == self._live.step_batch else 1
         batched = _batched_inputs(runtime, args, kwargs, step, run) if run > 1 else None
         if batched is None:
             return forward(*args, **kwargs)
@@ -213,12 +213,12 @@ class EncoderPropagation(Method):
             served[(step + i, ordinal)] = (sample_shape, chunks[i])
         return chunks[0]
 
-    def _run_length(self, runtime: Accelerator, step: int) -> int:
+    def _run_length(self, runtime: Accelerator, step: int, entry: str) -> int:
         """Non-key steps from ``step`` up to the next key step, capped by ``max_batch_steps``."""
         plan = runtime.call_plan
         length = 1
         while (length < self.max_batch_steps and step + length < plan.num_steps
-               and plan.decision("conv_in", step + length) is Decision.REUSE
+               and plan.decision(entry, step + length) is Decision.REUSE
                and runtime.can_stack(self, step, step + length)):
             length += 1
         return length

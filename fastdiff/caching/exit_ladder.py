@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from diffusers.hooks import ModelHook
 
+from ..anatomy import Anatomy, BlockIO, UNetParts, anatomy_of
 from ..core.hooks import InstalledHook, install_hook, uninstall_hook
 from ..core.rules import ReuseRule, first_input
-from .blocks import is_transformer, is_unet
 
 
 class ConcatHalfRule(ReuseRule):
@@ -90,21 +90,30 @@ class ExitLadder:
         return next(k for k in self.allowed if k >= want)
 
 
+class PassThroughRule(ReuseRule):
+    """A skipped transformer block hands on what it was given, in the layout it returns: the
+    image stream, or on an MMDiT block the (text, image) pair in its own tuple order."""
+
+    def __init__(self, io: BlockIO) -> None:
+        self.io = io
+
+    def skip(self, args: tuple, kwargs: dict) -> Any:
+        return self.io.passthrough(args, kwargs)
+
+
 def exit_ladder(denoiser: torch.nn.Module, method: str = "EarlyExit") -> ExitLadder:
-    if is_transformer(denoiser):
-        return _transformer_ladder(denoiser)
-    if is_unet(denoiser):
-        return _unet_ladder(denoiser, method)
-    raise TypeError(
-        f"{method} acts on transformer denoisers (transformer_blocks: DiT, PixArt) and UNets "
-        f"(down_blocks/mid_block/up_blocks); got {type(denoiser).__name__}"
-    )
+    anatomy = anatomy_of(denoiser, method)
+    if anatomy.is_unet:
+        return _unet_ladder(denoiser, anatomy.unet, method)
+    return _transformer_ladder(anatomy)
 
 
-def _transformer_ladder(denoiser: torch.nn.Module) -> ExitLadder:
-    count = len(denoiser.transformer_blocks)
-    paths = [f"transformer_blocks.{i}" for i in range(count)]
-    ladder = ExitLadder("transformer", count, rules={p: IDENTITY for p in paths})
+def _transformer_ladder(anatomy: Anatomy) -> ExitLadder:
+    """Keep the first ``k`` blocks of the whole sequence (Flux: dual-stream blocks first, then the
+    single-stream ones); the rest hand their input on to the output layer."""
+    paths = anatomy.block_paths_in_order
+    count = len(paths)
+    ladder = ExitLadder("transformer", count, rules={b.path: PassThroughRule(b.io) for b in anatomy.blocks})
     for kept in range(1, count):
         ladder.skipped[kept] = paths[kept:]
         ladder.entries[kept] = paths[kept]
@@ -120,40 +129,43 @@ def _channels(module: torch.nn.Module, *names: str) -> int | None:
     return None
 
 
-def _unet_units(unet: torch.nn.Module, method: str) -> tuple[list[_Unit], list[_Unit]]:
+def _unet_units(unet: torch.nn.Module, parts: UNetParts, method: str) -> tuple[list[_Unit], list[_Unit]]:
     def unsupported(what: str) -> TypeError:
         return TypeError(f"{method}: {type(unet).__name__} has a {what} whose channels cannot be read; "
                          "UNets built from diffusers' resnet/attention blocks are supported")
 
+    modules = dict(unet.named_modules())
     down: list[_Unit] = []
-    for i, block in enumerate(unet.down_blocks):
+    for prefix in parts.down:
+        block = modules[prefix]
         attentions = getattr(block, "attentions", None) or []
         for j, resnet in enumerate(getattr(block, "resnets", None) or []):
             cin, cout = _channels(resnet, "in_channels"), _channels(resnet, "out_channels")
             if cin is None or cout is None:
-                raise unsupported(f"down_blocks.{i}.resnets.{j}")
-            paths = [f"down_blocks.{i}.resnets.{j}"] + ([f"down_blocks.{i}.attentions.{j}"] if j < len(attentions) else [])
+                raise unsupported(f"{prefix}.resnets.{j}")
+            paths = [f"{prefix}.resnets.{j}"] + ([f"{prefix}.attentions.{j}"] if j < len(attentions) else [])
             down.append(_Unit(paths, cin, cout, 0))
         samplers = list(getattr(block, "downsamplers", None) or [])
         if samplers:
             cin = _channels(samplers[0], "channels", "in_channels")
             cout = _channels(samplers[-1], "out_channels")
             if cin is None or cout is None:
-                raise unsupported(f"down_blocks.{i}.downsamplers")
-            down.append(_Unit([f"down_blocks.{i}.downsamplers.{k}" for k in range(len(samplers))], cin, cout, 1))
+                raise unsupported(f"{prefix}.downsamplers")
+            down.append(_Unit([f"{prefix}.downsamplers.{k}" for k in range(len(samplers))], cin, cout, 1))
     up: list[_Unit] = []
-    for u, block in enumerate(unet.up_blocks):
+    for prefix in parts.up:
+        block = modules[prefix]
         resnets = list(getattr(block, "resnets", None) or [])
         attentions = getattr(block, "attentions", None) or []
         samplers = list(getattr(block, "upsamplers", None) or [])
         for j, resnet in enumerate(resnets):
             cout = _channels(resnet, "out_channels")
             if cout is None:
-                raise unsupported(f"up_blocks.{u}.resnets.{j}")
-            paths = [f"up_blocks.{u}.resnets.{j}"] + ([f"up_blocks.{u}.attentions.{j}"] if j < len(attentions) else [])
+                raise unsupported(f"{prefix}.resnets.{j}")
+            paths = [f"{prefix}.resnets.{j}"] + ([f"{prefix}.attentions.{j}"] if j < len(attentions) else [])
             last = j == len(resnets) - 1
             if last:
-                paths += [f"up_blocks.{u}.upsamplers.{k}" for k in range(len(samplers))]
+                paths += [f"{prefix}.upsamplers.{k}" for k in range(len(samplers))]
             up.append(_Unit(paths, 0, cout, 1 if last and samplers else 0))
     if len(up) != len(down) + 1:
         raise TypeError(
@@ -163,9 +175,9 @@ def _unet_units(unet: torch.nn.Module, method: str) -> tuple[list[_Unit], list[_
     return down, up
 
 
-def _unet_ladder(unet: torch.nn.Module, method: str) -> ExitLadder:
-    down, up = _unet_units(unet, method)
-    mid = getattr(unet, "mid_block", None)
+def _unet_ladder(unet: torch.nn.Module, parts: UNetParts, method: str) -> ExitLadder:
+    down, up = _unet_units(unet, parts, method)
+    mid = dict(unet.named_modules())[parts.mid] if parts.mid else None
     mid_units = 1 if mid is not None else 0
     depth = len(down) + mid_units
     rules: dict[str, ReuseRule] = {}
@@ -176,7 +188,7 @@ def _unet_ladder(unet: torch.nn.Module, method: str) -> ExitLadder:
         for path in unit.paths:
             rules[path] = TUPLE if ".attentions." in path else CONCAT_HALF if ".resnets." in path else IDENTITY
     if mid is not None:
-        rules["mid_block"] = IDENTITY
+        rules[parts.mid] = IDENTITY
     ladder = ExitLadder("unet", depth, rules=rules)
     for m in range(len(down) + 1):  # m down/up pairs dropped around the mid block
         if m == 0:
@@ -187,7 +199,7 @@ def _unet_ladder(unet: torch.nn.Module, method: str) -> ExitLadder:
             cout = _channels(resnets[-1], "out_channels") if resnets else None
             if cin is None or cin != cout:
                 continue
-            entry = exit_ = "mid_block"
+            entry = exit_ = parts.mid
         else:
             inner_down, inner_up = down[len(down) - m:], up[:m]
             if inner_down[0].in_channels != inner_up[-1].out_channels:
@@ -196,7 +208,7 @@ def _unet_ladder(unet: torch.nn.Module, method: str) -> ExitLadder:
                 continue
             entry, exit_ = inner_down[0].paths[0], inner_up[-1].paths[-1]
         paths = [p for u in down[len(down) - m:] for p in u.paths]
-        paths += ["mid_block"] if mid is not None else []
+        paths += [parts.mid] if parts.mid else []
         paths += [p for u in up[:m] for p in u.paths]
         kept = depth - m - mid_units
         ladder.skipped[kept] = paths

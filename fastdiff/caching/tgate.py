@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..anatomy import anatomy_of
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, denoiser_sample, first_input, main_tensor, map_batched, tile_batch, with_main_tensor
@@ -31,25 +32,22 @@ HALVES = ("cond", "uncond")
 
 
 def attention_paths(denoiser: torch.nn.Module, method: str = "TGate") -> tuple[list[str], list[str]]:
-    """(self-attention, cross-attention) module paths of a denoiser's transformer blocks."""
-    from diffusers.models.attention_processor import Attention
+    """(self-attention, cross-attention) module paths of a denoiser, from its anatomy.
 
-    self_attn: list[str] = []
-    cross_attn: list[str] = []
-    for path, module in denoiser.named_modules():
-        if not isinstance(module, Attention):
-            continue
-        name = path.rsplit(".", 1)[-1]
-        if getattr(module, "is_cross_attention", False) or name == "attn2":
-            cross_attn.append(path)
-        elif name == "attn1":
-            self_attn.append(path)
-    if not cross_attn:
-        raise TypeError(
-            f"{method} needs a denoiser with cross-attention (text conditioning); "
-            f"{type(denoiser).__name__} has none"
-        )
-    return self_attn, cross_attn
+    Joint attention (SD3, Flux: text and image tokens in one attention, the text stream updated
+    by every block) is neither: there is no text-only attention output to keep at the gate, and
+    no guidance batch to drop on guidance-distilled Flux, so T-GATE refuses those families.
+    """
+    anatomy = anatomy_of(denoiser, method)
+    cross = list(anatomy.attention_paths("cross"))
+    if not cross:
+        joint = anatomy.attention_paths("joint")
+        why = (f"its {len(joint)} attention modules are joint attention over text and image tokens together, "
+               "whose text part changes in every block: there is no cross-attention output to keep at the gate"
+               if joint else "it has no cross-attention (it is not text-conditioned)")
+        raise TypeError(f"{method} needs a denoiser with cross-attention (text conditioning); "
+                        f"{anatomy.denoiser} ({anatomy.family}) has none: {why}")
+    return list(anatomy.attention_paths("self")), cross
 
 
 def gate_rows(num_steps: int, gate_step: int, sp_interval: int, fi_interval: int,

@@ -99,9 +99,10 @@ class DenoiserClockHook(ModelHook):
 class ReuseHook(ModelHook):
     """Executes the plan for one module: compute (and keep), give the kept output back, or pass through.
 
-    Only the latest kept output is held, with the signature of the inputs that produced it. What
-    is kept and how it is given back is the method's :class:`~fastdiff.core.rules.ReuseRule`; by
-    default a REUSE whose inputs changed shape (another batch size or resolution) computes instead.
+    Only the latest kept output is held (one per denoiser call of a step), with the signature of
+    the inputs that produced it. What is kept and how it is given back is the method's
+    :class:`~fastdiff.core.rules.ReuseRule`; by default a REUSE whose inputs changed shape (another
+    batch size or resolution) computes instead.
     """
 
     _is_stateful = True
@@ -112,23 +113,25 @@ class ReuseHook(ModelHook):
         self.path = path
         self.method = method
         self.rule = rule or DEFAULT_RULE
-        self.cached: Any = None
-        self.cached_signature: tuple | None = None
-        self.cached_flops: int | None = None
-        self.cached_bytes = 0
+        # the latest kept output per denoiser call of a step (its ordinal): pipelines that run
+        # guidance as separate calls (Wan, Flux's true CFG) must not be given each other's
+        self.kept: dict[int, tuple[Any, tuple, int | None, int]] = {}  # value, signature, FLOPs, bytes
+        self.cached_flops: int | None = None  # of the kept output last given back
         # what this module costs when the whole denoiser runs vanilla, by the denoiser call's input
         # signature: what a SKIP saves (a skipped module's own inputs may not be what it would have seen)
         self.vanilla_flops: dict[tuple, int] = {}
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(entry[3] for entry in self.kept.values())
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.clear()
         return module
 
     def clear(self) -> None:
-        self.cached = None
-        self.cached_signature = None
+        self.kept.clear()
         self.cached_flops = None
-        self.cached_bytes = 0
         self.rule.reset()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -149,8 +152,11 @@ class ReuseHook(ModelHook):
         flops = None
         saved = None
         output = None
-        if decision is Decision.REUSE and self.cached_signature is not None:
-            output = self.rule.restore(self.cached, args, kwargs, step, signature, self.cached_signature)
+        ordinal = runtime.clock.calls_in_step
+        entry = self.kept.get(ordinal) if decision is Decision.REUSE else None
+        if entry is not None:
+            output = self.rule.restore(entry[0], args, kwargs, step, signature, entry[1])
+            self.cached_flops = entry[2]
         if output is not None:
             decision = Decision.REUSE
         elif decision is Decision.SKIP:
@@ -167,7 +173,6 @@ class ReuseHook(ModelHook):
             if keeps or self.rule.observes:
                 kept = self.rule.keep(args, kwargs, output, step)
                 if keeps:
-                    self.cached, self.cached_signature, self.cached_flops = kept, signature, flops
-                    self.cached_bytes = tensor_bytes(kept)
+                    self.kept[ordinal] = (kept, signature, flops, tensor_bytes(kept))
         runtime.module_finished(self, decision, time.perf_counter() - start, flops, saved)
         return output

@@ -29,6 +29,7 @@ from ..core.accelerator import apply
 from ..core.ledger import Report
 from ..core.method import Method
 from ..core.progress import pipeline_bar_off, plural, progress_bar
+from ..media import pipeline_outputs
 from ..runner import GenerationRequest, call_kwargs
 
 
@@ -99,7 +100,7 @@ def _timed(pipe: DiffusionPipeline, request: GenerationRequest) -> tuple[float, 
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    images = pipe(**call_kwargs(pipe, request), output_type="np").images
+    images = pipeline_outputs(pipe(**call_kwargs(pipe, request), output_type="np"))
     _sync(device)
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -23,6 +23,7 @@ from ..core.method import parse_method
 from ..core.progress import plural, progress_bar
 from ..parallel.group import check_processes_fit, launched_device, resident_memory_bytes
 from ..parallel.patch_parallel import PatchParallel
+from ..media import pipeline_outputs
 from ..runner import GenerationRequest, call_kwargs, load
 from .bench import psnr
 
@@ -84,7 +85,7 @@ def _timed_calls(pipe: Any, request: GenerationRequest, specs: list[str], warmup
         times, image = [], None
         for i in range(warmup + repeats):
             start = time.perf_counter()
-            image = pipe(**call_kwargs(pipe, request), output_type="np").images
+            image = pipeline_outputs(pipe(**call_kwargs(pipe, request), output_type="np"))
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         return times, np.asarray(image), accelerator.report()

@@ -9,6 +9,7 @@ shipped with its FID feature network so that quality can be measured offline too
 from .builtin import (
     BUILTIN_MODELS,
     SD15_UNET_CONFIG,
+    SD35_MEDIUM_TRANSFORMER_CONFIG,
     BuiltinModel,
     ModelLoadError,
     build_builtin,
@@ -32,6 +33,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "DIGIT_WORDS",
     "SD15_UNET_CONFIG",
+    "SD35_MEDIUM_TRANSFORMER_CONFIG",
     "BuiltinModel",
     "DigitsFeatureNet",
     "ModelLoadError",

@@ -2,9 +2,9 @@
 
 Nothing can be downloaded here, yet every method must be exercised on the pipelines users
 actually run. So each built-in is the *real* diffusers pipeline class with real component
-classes, only small (or, for `sd15-arch`, with the real SD 1.5 UNet shape and random weights
-so speed can be measured). Weights depend only on the seed, so tests and benchmarks are
-reproducible, and a built-in saves and reloads like any hub model.
+classes, only small (or, for `sd15-arch` and `sd3-arch`, with the real denoiser shape and
+random weights so speed can be measured). Weights depend only on the seed, so tests and
+benchmarks are reproducible, and a built-in saves and reloads like any hub model.
 """
 
 from __future__ import annotations
@@ -20,17 +20,26 @@ from typing import Any, TypeVar
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     DDIMScheduler,
     DiffusionPipeline,
     DiTPipeline,
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtAlphaPipeline,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -38,6 +47,8 @@ from transformers import (
     CLIPTextModelWithProjection,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from .digits import DIGITS_GUIDANCE_SCALE, DIGITS_IMAGE_SIZE, load_digits_pipeline
@@ -48,6 +59,7 @@ __all__ = [
     "BuiltinModel",
     "ModelLoadError",
     "SD15_UNET_CONFIG",
+    "SD35_MEDIUM_TRANSFORMER_CONFIG",
     "build_builtin",
     "builtin_info",
     "default_size",
@@ -134,6 +146,54 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
 }
 
+# The flow-matching schedulers of the real checkpoints: the shift decides which noise levels
+# the steps land on, and so which steps a reuse schedule finds similar.
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+
+# FLUX.1-dev: the shift grows with the number of image tokens (resolution-dependent).
+FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+# Wan 2.1 text-to-video ships UniPC in flow-prediction mode; shift 3.0 is its 480p setting
+# (5.0 is recommended for 720p).
+WAN_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+    "solver_order": 2,
+    "solver_type": "bh2",
+    "predict_x0": True,
+    "lower_order_final": True,
+}
+
+# stabilityai/stable-diffusion-3.5-medium's MMDiT-X (2.5B parameters): 24 joint blocks of
+# 24 x 64 channels, the first 13 with a second (image-only) attention, RMS-normalised q/k,
+# and a 384 x 384 position grid (147,456 entries, which is how diffusers' single-file loader
+# tells 3.5-medium from 3-medium's 192 x 192).
+SD35_MEDIUM_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+
 # A few real ImageNet classes, so DiT's `get_label_ids` works with familiar names.
 DIT_LABELS: dict[int, str] = {
     0: "tench",
@@ -151,6 +211,9 @@ ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 SD_VAE_SCALING = 0.18215
 SDXL_VAE_SCALING = 0.13025
+# The 16-channel VAEs of SD3 and Flux normalise latents with a shift as well as a scale.
+SD3_VAE_SCALING, SD3_VAE_SHIFT = 1.5305, 0.0609
+FLUX_VAE_SCALING, FLUX_VAE_SHIFT = 0.3611, 0.1159
 
 
 class ModelLoadError(OSError, ValueError):
@@ -179,15 +242,27 @@ class BuiltinModel:
     builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
     takes_size: bool = True
     example_prompt: str = "a photograph of an astronaut riding a horse"
+    num_frames: int | None = None
+
+    @property
+    def is_video(self) -> bool:
+        """Video pipelines return `.frames` (one list of frames per prompt), not `.images`."""
+        return self.num_frames is not None
 
     def call_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the pipeline call (DiT has a fixed size, so no height/width)."""
+        """Keyword arguments for the pipeline call (DiT has a fixed size, so no height/width).
+
+        Video pipelines default to dozens of frames (Wan: 81), so the frame count is part of
+        the recommended call, not left to the pipeline.
+        """
         kwargs: dict[str, Any] = {
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
         }
         if self.takes_size:
             kwargs.update(height=self.height, width=self.width)
+        if self.num_frames is not None:
+            kwargs["num_frames"] = self.num_frames
         return kwargs
 
 
@@ -252,9 +327,16 @@ def _vae(
     norm_num_groups: int,
     scaling_factor: float,
     sample_size: int,
+    latent_channels: int = 4,
+    shift_factor: float | None = None,
 ) -> AutoencoderKL:
-    """A 4-level VAE: the real latent scale factor (8) and 4 latent channels, at a fraction of the cost."""
+    """A 4-level VAE: the real latent scale factor (8), at a fraction of the cost.
+
+    With a `shift_factor` it is laid out as SD3's and Flux's 16-channel VAEs are: no 1x1
+    quant convs around the latent.
+    """
     levels = len(block_out_channels)
+    flow_vae = shift_factor is not None
     with _seeded(seed, "vae"):
         vae = AutoencoderKL(
             in_channels=3,
@@ -263,21 +345,33 @@ def _vae(
             up_block_types=("UpDecoderBlock2D",) * levels,
             block_out_channels=block_out_channels,
             layers_per_block=1,
-            latent_channels=4,
+            latent_channels=latent_channels,
             norm_num_groups=norm_num_groups,
             sample_size=sample_size,
             scaling_factor=scaling_factor,
+            shift_factor=shift_factor,
+            use_quant_conv=not flow_vae,
+            use_post_quant_conv=not flow_vae,
         )
     return _ready(vae)
 
 
-def _tiny_vae(seed: int, scaling_factor: float = SD_VAE_SCALING, sample_size: int = 64) -> AutoencoderKL:
+def _tiny_vae(
+    seed: int,
+    scaling_factor: float = SD_VAE_SCALING,
+    sample_size: int = 64,
+    *,
+    latent_channels: int = 4,
+    shift_factor: float | None = None,
+) -> AutoencoderKL:
     return _vae(
         seed,
         block_out_channels=(8, 16, 16, 16),
         norm_num_groups=8,
         scaling_factor=scaling_factor,
         sample_size=sample_size,
+        latent_channels=latent_channels,
+        shift_factor=shift_factor,
     )
 
 
@@ -389,25 +483,42 @@ def _build_tiny_sdxl(seed: int) -> StableDiffusionXLPipeline:
     )
 
 
-def _tiny_t5(seed: int, vocab_size: int) -> T5EncoderModel:
-    """A T5 v1.1-style encoder (gated GELU, as PixArt's T5-XXL) with dropout off."""
-    config = T5Config(
-        vocab_size=vocab_size,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+def _t5_config_kwargs(
+    vocab_size: int, d_model: int, *, num_heads: int | None = None, d_ff: int | None = None, num_layers: int = 2
+) -> dict[str, Any]:
+    """A T5 v1.1-style encoder (gated GELU, as T5-XXL and UMT5-XXL) with dropout off.
+
+    The attention width (`num_heads` x 8) and `d_ff` need not follow `d_model`: the arch
+    built-ins keep the real output width (what the denoiser sees) on a thin encoder.
+    """
+    return {
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "d_kv": 8,
+        "d_ff": d_ff or 2 * d_model,
+        "num_layers": num_layers,
+        "num_heads": num_heads or d_model // 8,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+    }
+
+
+def _tiny_t5(
+    seed: int, vocab_size: int, *, d_model: int = 32, component: str = "text_encoder", **sizes: int
+) -> T5EncoderModel:
+    with _seeded(seed, component):
+        return _ready(T5EncoderModel(T5Config(**_t5_config_kwargs(vocab_size, d_model, **sizes))))
+
+
+def _tiny_umt5(seed: int, vocab_size: int, *, d_model: int = 32) -> UMT5EncoderModel:
+    """Wan's text encoder class: UMT5 differs from T5 by a relative position bias in every layer."""
     with _seeded(seed, "text_encoder"):
-        return _ready(T5EncoderModel(config))
+        return _ready(UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(vocab_size, d_model))))
 
 
 def _build_tiny_pixart(seed: int) -> PixArtAlphaPipeline:
@@ -464,6 +575,164 @@ def _build_tiny_dit(seed: int) -> DiTPipeline:
     return pipe
 
 
+# --------------------------------------------------------------------------- flow-matching transformers
+
+# SD3.5-medium in miniature: three joint blocks covering the three kinds the real model has
+# (dual attention, plain, and the last one whose text stream is not updated: context_pre_only).
+# Two CLIP encoders of 32 give the 64-wide pooled vector and, padded, the T5 width (64).
+TINY_SD3_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 32,
+    "dual_attention_layers": (0,),
+    "qk_norm": "rms_norm",
+}
+
+# FLUX.1-dev in miniature: dual-stream then single-stream blocks, guidance-distilled (the
+# guidance scale is an input of the transformer, one forward per step), rotary axes
+# (frame, row, column) splitting the head as 16/56/56 of 128 does.
+TINY_FLUX_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+# Wan 2.1 text-to-video in miniature: same patching (1 frame x 2 x 2), norms and rotary layout.
+TINY_WAN_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 256,
+    "ffn_dim": 64,
+    "num_layers": 3,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+# Wan's causal 3D VAE: 8x spatial and 4x temporal compression (frames 1 + 4k -> 1 + k latents).
+TINY_WAN_VAE_CONFIG: dict[str, Any] = {
+    "base_dim": 8,
+    "z_dim": 16,
+    "dim_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "temperal_downsample": [False, True, True],
+}
+
+# T5 sequences are padded to the pipeline's max_sequence_length (SD3 256, Flux and Wan 512).
+T5_MAX_LENGTH = 512
+
+
+def _seeded_module(seed: int, component: str, factory: Callable[[], ModuleT]) -> ModuleT:
+    """Build one component in its own seeded stream, ready for inference."""
+    with _seeded(seed, component):
+        return _ready(factory())
+
+
+def _stable_diffusion_3(
+    seed: int,
+    transformer: SD3Transformer2DModel,
+    *,
+    clip_sizes: tuple[dict[str, int], dict[str, int]],
+    t5_sizes: dict[str, int],
+    vae: AutoencoderKL,
+) -> StableDiffusion3Pipeline:
+    """SD3's three text towers: two projected CLIPs (pooled vector, and hidden states padded to
+    the T5 width) and a T5 whose width is the transformer's `joint_attention_dim`."""
+    tokenizer_3 = t5_tokenizer(T5_MAX_LENGTH)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=_clip_text_encoder(seed, "text_encoder", **clip_sizes[0]),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_text_encoder(seed, "text_encoder_2", **clip_sizes[1]),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_tiny_t5(seed, len(tokenizer_3), component="text_encoder_3", **t5_sizes),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_tiny_sd3(seed: int) -> StableDiffusion3Pipeline:
+    clip = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "projection_dim": 32}
+    return _stable_diffusion_3(
+        seed,
+        _seeded_module(seed, "transformer", lambda: SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG)),
+        clip_sizes=(clip, clip),
+        t5_sizes={"d_model": 64},
+        vae=_tiny_vae(seed, SD3_VAE_SCALING, latent_channels=16, shift_factor=SD3_VAE_SHIFT),
+    )
+
+
+def _build_sd3_arch(seed: int) -> StableDiffusion3Pipeline:
+    """SD3.5-medium's transformer (where the time goes) with thin text encoders and VAE.
+
+    The encoders keep the real output widths (CLIP-L 768 and CLIP-G 1280, pooled 2048; T5
+    4096), so the transformer's embedders run at their real size, on two layers (one for T5).
+    """
+    clip_l = {"hidden_size": 768, "num_layers": 2, "num_heads": 12, "intermediate_size": 1024, "projection_dim": 768}
+    clip_g = {"hidden_size": 1280, "num_layers": 2, "num_heads": 20, "intermediate_size": 1024, "projection_dim": 1280}
+    return _stable_diffusion_3(
+        seed,
+        _seeded_module(seed, "transformer", lambda: SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)),
+        clip_sizes=(clip_l, clip_g),
+        t5_sizes={"d_model": 4096, "num_heads": 8, "d_ff": 256, "num_layers": 1},
+        vae=_vae(
+            seed,
+            block_out_channels=(32, 32, 64, 64),
+            norm_num_groups=32,
+            scaling_factor=SD3_VAE_SCALING,
+            shift_factor=SD3_VAE_SHIFT,
+            latent_channels=16,
+            sample_size=1024,
+        ),
+    )
+
+
+def _build_tiny_flux(seed: int) -> FluxPipeline:
+    """Flux pools CLIP's final hidden state (no projection) and cross-attends to T5 only."""
+    tokenizer_2 = t5_tokenizer(T5_MAX_LENGTH)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER_CONFIG),
+        vae=_tiny_vae(seed, FLUX_VAE_SCALING, latent_channels=16, shift_factor=FLUX_VAE_SHIFT),
+        text_encoder=_tiny_clip(seed, "text_encoder"),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_t5(seed, len(tokenizer_2), component="text_encoder_2"),
+        tokenizer_2=tokenizer_2,
+        transformer=_seeded_module(seed, "transformer", lambda: FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)),
+    )
+
+
+def _build_tiny_wan(seed: int) -> WanPipeline:
+    tokenizer = t5_tokenizer(T5_MAX_LENGTH)
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_umt5(seed, len(tokenizer)),
+        vae=_seeded_module(seed, "vae", lambda: AutoencoderKLWan(**TINY_WAN_VAE_CONFIG)),
+        scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG),
+        transformer=_seeded_module(seed, "transformer", lambda: WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG)),
+    )
+
+
 def _build_digits(seed: int) -> DiffusionPipeline:
     """Trained weights shipped in the package: `seed` has nothing to choose, so it is ignored."""
     del seed
@@ -516,6 +785,47 @@ _REGISTRY: dict[str, BuiltinModel] = {
             builder=_build_tiny_dit,
         ),
         BuiltinModel(
+            name="tiny-sd3",
+            pipeline_class="StableDiffusion3Pipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=4.5,
+            description=(
+                "SD3.5-medium layout (MMDiT with dual-attention and context_pre_only joint blocks, "
+                "two CLIPs + T5, 16-channel VAE, flow matching with shift 3), tiny."
+            ),
+            builder=_build_tiny_sd3,
+        ),
+        BuiltinModel(
+            name="tiny-flux",
+            pipeline_class="FluxPipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=3.5,
+            description=(
+                "FLUX.1-dev layout (dual-stream then single-stream blocks, guidance-distilled, "
+                "dynamic shift), tiny."
+            ),
+            builder=_build_tiny_flux,
+        ),
+        BuiltinModel(
+            name="tiny-wan",
+            pipeline_class="WanPipeline",
+            height=64,
+            width=64,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            num_frames=5,
+            description=(
+                "Wan 2.1 text-to-video layout (UMT5, causal 3D VAE, UniPC flow matching), tiny; "
+                "5 frames (2 latent frames)."
+            ),
+            example_prompt="a cat walking on the grass, realistic",
+            builder=_build_tiny_wan,
+        ),
+        BuiltinModel(
             name="sd15-arch",
             pipeline_class="StableDiffusionPipeline",
             height=256,
@@ -524,6 +834,19 @@ _REGISTRY: dict[str, BuiltinModel] = {
             guidance_scale=7.5,
             description="The exact SD 1.5 UNet (860M parameters, random weights) for speed benchmarks.",
             builder=_build_sd15_arch,
+        ),
+        BuiltinModel(
+            name="sd3-arch",
+            pipeline_class="StableDiffusion3Pipeline",
+            height=256,
+            width=256,
+            num_inference_steps=28,
+            guidance_scale=4.5,
+            description=(
+                "The exact SD3.5-medium transformer (2.5B parameters, random weights; about 10 GB in "
+                "float32) with thin text encoders and VAE, for speed benchmarks."
+            ),
+            builder=_build_sd3_arch,
         ),
         BuiltinModel(
             name="digits",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ..caching.blocks import is_transformer, is_unet
+from ..anatomy import Anatomy, anatomy_of
 from ..core.method import Method
 from ..caching.tgate import guidance_batched
 from ..core.rules import denoiser_sample, main_tensor, map_batched, with_main_tensor
@@ -84,9 +84,24 @@ def _replace_sample(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tup
 
 def _row_unit(denoiser: torch.nn.Module) -> int:
     """The fewest latent rows a patch can have: a UNet's total downsampling, a transformer's patch size."""
-    if is_transformer(denoiser):
-        return int(denoiser.config.patch_size)
-    return 2 ** sum(1 for block in denoiser.down_blocks if getattr(block, "downsamplers", None))
+    anatomy = anatomy_of(denoiser, "PatchParallel")
+    if anatomy.tokens is not None:
+        return int(anatomy.tokens.patch[-2])
+    modules = dict(denoiser.named_modules())
+    return 2 ** sum(1 for path in anatomy.unet.down if getattr(modules[path], "downsamplers", None))
+
+
+def _splittable(denoiser: torch.nn.Module) -> Anatomy:
+    """The anatomy of a denoiser whose rows this method can split, or a clear refusal."""
+    anatomy = anatomy_of(denoiser, "PatchParallel")
+    tokens = anatomy.tokens
+    if anatomy.is_unet or (tokens is not None and tokens.embed_output == "tokens" and not tokens.packed
+                           and tokens.text != "joint" and tokens.rotary is None and not tokens.frames):
+        return anatomy
+    raise TypeError(
+        f"PatchParallel splits UNets (SD 1.x/2.x, SDXL) and patch-embedding transformers with cross-attention or "
+        f"class conditioning (DiT, PixArt); {anatomy.denoiser} ({anatomy.family}) is not one of them"
+    )
 
 
 def _latent_rows(pipe: Any, denoiser: torch.nn.Module, height: int | None) -> int:
@@ -220,12 +235,7 @@ class PatchParallel(Method):
         return {}
 
     def module_hooks(self, runtime: Accelerator, denoiser: torch.nn.Module) -> list[tuple[Any, Any]]:
-        if not (is_unet(denoiser) or (is_transformer(denoiser) and hasattr(denoiser, "pos_embed")
-                                      and isinstance(getattr(denoiser, "norm_out", None), torch.nn.LayerNorm))):
-            raise TypeError(
-                f"PatchParallel splits UNet denoisers (SD 1.x/2.x, SDXL) and patch-embedding transformers (DiT, "
-                f"PixArt); {type(denoiser).__name__} is neither"
-            )
+        anatomy = _splittable(denoiser)
         if self._join(denoiser).world_size == 1:
             global _WARNED_ONE_PROCESS
             if not _WARNED_ONE_PROCESS:
@@ -250,9 +260,10 @@ class PatchParallel(Method):
             return None if runtime.measuring is not None else state(self).get("patch")
 
         hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
-        if is_transformer(denoiser):
-            hooks.append(("pos_embed", TokenSliceHook("pos_embed", current)))
-            hooks.append(("norm_out", TokenGatherHook("norm_out", current)))
+        if anatomy.tokens is not None:
+            embed, norm = anatomy.tokens.embed, anatomy.tokens.output_norm
+            hooks.append((embed, TokenSliceHook(embed, current)))
+            hooks.append((norm, TokenGatherHook(norm, current)))
         hooks += _layer_hooks(denoiser, current)
         return hooks
 
@@ -331,7 +342,7 @@ class PatchParallel(Method):
         state = runtime.call_state(self)
         step, steps = runtime.clock.step, runtime.clock.num_steps or 0
         unit = _row_unit(runtime.denoiser)
-        transformer = is_transformer(runtime.denoiser)
+        transformer = not anatomy_of(runtime.denoiser, "PatchParallel").is_unet
         partition = row_partition(sample.shape[-2], exchange.world_size, unit)
         exchange.context = f" (step {step})"
         exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
