@@ -89,6 +89,8 @@ def _common(parser: argparse.ArgumentParser, methods: bool = True) -> None:
     parser.add_argument("--height", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--width", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
     parser.add_argument("--guidance-scale", type=float_range(0), default=None)
+    parser.add_argument("--frames", type=int_at_least(1), default=None,
+                        help="video models: frames to generate (default: the model's)")
     if methods:
         parser.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
                             help=f"acceleration, repeatable: name[:key=value,...]; methods: {', '.join(sorted(METHODS))}")
@@ -161,7 +163,7 @@ def _request(args: argparse.Namespace):
 
     return GenerationRequest(
         prompt=args.prompt or example_prompt(args.model), steps=args.steps, seed=args.seed, height=args.height, width=args.width,
-        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt, num_frames=args.frames,
     ).with_model_defaults(args.model)
 
 
@@ -190,10 +192,15 @@ def _load(args: argparse.Namespace, device: str | None = None):
     from .models import ModelLoadError
     from .runner import load
 
+    from .media import makes_video
+
     try:
-        return load(args.model, device or args.device, args.dtype)
+        pipe = load(args.model, device or args.device, args.dtype)
     except ModelLoadError as exc:
         raise UsageError(f"--model: {exc}") from None
+    if getattr(args, "frames", None) is not None and not makes_video(pipe):
+        raise UsageError(f"--frames: {args.model} ({type(pipe).__name__}) makes images, not videos")
+    return pipe
 
 
 def _check_patches(pipe, methods: list[Method], request, world_size: int) -> str | None:

@@ -22,13 +22,14 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     UniPCMultistepScheduler,
+    WanTransformer3DModel,
 )
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, UMT5EncoderModel
 
 from fastdiff.media import Video, makes_video, pipeline_outputs, read_frames, save_output, save_video
 from fastdiff.models import BUILTIN_MODELS, build_builtin, builtin_info, load_pipeline
-from fastdiff.models.builtin import SD35_MEDIUM_TRANSFORMER_CONFIG
+from fastdiff.models.builtin import SD35_MEDIUM_TRANSFORMER_CONFIG, WAN21_1_3B_TRANSFORMER_CONFIG
 
 FAMILIES = ("tiny-sd3", "tiny-flux", "tiny-wan")
 STEPS = 2
@@ -173,6 +174,14 @@ def test_sd3_arch_is_the_sd35_medium_transformer() -> None:
     # The model card's 2.5B counts the position table, a learned weight in the original checkpoint.
     assert sum(p.numel() for p in transformer.parameters()) == 2_243_171_520
     assert transformer.pos_embed.pos_embed.numel() == 226_492_416
+
+
+def test_wan_arch_is_the_wan21_1_3b_transformer() -> None:
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**WAN21_1_3B_TRANSFORMER_CONFIG)
+    assert len(transformer.blocks) == 30 and transformer.config.num_attention_heads * 128 == 1536
+    assert 1.3e9 < sum(p.numel() for p in transformer.parameters()) < 1.45e9
+    assert builtin_info("wan-arch").is_video
 
 
 # --------------------------------------------------------------------------- video files

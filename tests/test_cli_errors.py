@@ -78,6 +78,9 @@ CASES = [
     (["generate", "--model", "tiny-sd", "--steps", "2", "--method", "deepcache", "--method", "encoder"],
      "both claim"),
     (["generate", "--model", "tiny-sd", "--steps", "2", "--method", "earlyexit:schedule=1/2"], "schedule"),
+    (["generate", "--model", "tiny-sd", "--frames", "5"], "--frames"),
+    (["generate", "--model", "tiny-wan", "--frames", "0"], "--frames"),
+    (["generate", "--model", "tiny-wan", "--out", "video.jpg"], "--out"),
     # refused before Block Caching's calibration would run
     (["calibrate", "--model", "tiny-sd", "--steps", "2", "--method", "deepcache"], "--method"),
     (["generate", "--model", "tiny-sd", "--steps", "2", "--method", "blockcache", "--method", "deepcache"],

@@ -260,3 +260,36 @@ def test_transformer_denoisers_cache_the_middle_blocks(dit_pipe, pixart_pipe):
     acc = fastdiff.apply(pixart_pipe, fastdiff.DeepCache(interval=2), fastdiff.TGate(gate_step=3))
     assert np.isfinite(run(pixart_pipe, steps=5)).all()
     assert {m.method for m in acc.report().modules} == {"deepcache", "tgate"}
+
+
+def test_flux_middle_blocks_reuse_what_they_add_to_both_streams():
+    """On Flux the cached blocks span both stages; each returns (text, image), and at a reused step
+    each stream is its fresh input plus what the block added to it at the last full step."""
+    from fastdiff.models import build_builtin, builtin_info
+
+    pipe = build_builtin("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    acc = fastdiff.apply(pipe, fastdiff.DeepCache(interval=2, branch=1))
+    cached = ["transformer_blocks.1", "single_transformer_blocks.0", "single_transformer_blocks.1"]
+    assert acc.plan.modules == cached
+    modules = dict(pipe.transformer.named_modules())
+    seen = {path: [] for path in cached}
+    handles = [modules[path].register_forward_hook(
+        lambda m, args, kwargs, out, path=path: seen[path].append(
+            (kwargs["encoder_hidden_states"], kwargs["hidden_states"], out)), with_kwargs=True) for path in cached]
+    options = {**builtin_info("tiny-flux").call_kwargs(), "num_inference_steps": 4}
+    try:
+        pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), output_type="np", **options)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for path in cached:
+        (text0, image0, (text_out0, image_out0)), (text1, image1, (text_out1, image_out1)) = seen[path][:2]
+        assert not torch.equal(text1, text0) and not torch.equal(image1, image0)  # the live block 0 moved both
+        assert torch.equal(text_out1, text1 + (text_out0 - text0))  # the text residual of step 0, reused
+        assert torch.equal(image_out1, image1 + (image_out0 - image0))
+        assert (text_out0 - text0).abs().max() > 0
+    events = {(e.module, e.step): e.decision for e in acc.ledger.modules}
+    assert all(events[(path, step)] is (Decision.REUSE if step % 2 else Decision.COMPUTE)
+               for path in cached for step in range(4))
+    acc.remove()

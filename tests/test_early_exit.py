@@ -261,3 +261,129 @@ def test_bad_input(sd_pipe, dit_pipe):
             pass
     for pipe in (sd_pipe, dit_pipe):
         assert "acceleration" not in pipe.__dict__
+
+
+# -- flow matching: SD3, Flux, Wan -------------------------------------------------------------
+def _flow_pipe(name):
+    from fastdiff.models import build_builtin
+
+    pipe = build_builtin(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flow_call(pipe, name, steps, **kwargs):
+    from fastdiff.models import builtin_info
+
+    options = {**builtin_info(name).call_kwargs(), "num_inference_steps": steps, **kwargs}
+    result = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), output_type="np", **options)
+    return result.frames if hasattr(result, "frames") else result.images
+
+
+def _expected_rows(method, denoiser, levels):
+    """Per claimed module, SKIP where the bucket of the step's noise level drops it."""
+    ladder = exit_ladder(denoiser)
+    depths = method.depths(denoiser)
+    claimed = ladder.skipped[min(depths)]
+    return {path: tuple(Decision.SKIP if path in ladder.skipped.get(depths[bucket_of(level, len(depths))], ())
+                        else Decision.COMPUTE for level in levels) for path in claimed}
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-wan"])
+def test_flow_matching_noise_levels_are_the_sigmas(name):
+    """Shifted (SD3), dynamically shifted (Flux: the shift depends on the image size) and UniPC
+    flow (Wan) schedules: one plan step per loop iteration, each bucketed by its sigma."""
+    pipe = _flow_pipe(name)
+    method = EarlyExit(schedule="linear", min_depth=0.2)
+    acc = fastdiff.apply(pipe, method)
+    _flow_call(pipe, name, 6)
+    sigmas = [float(s) for s in pipe.scheduler.sigmas[:6]]
+    assert acc.plan.num_steps == 6 == len(pipe.scheduler.timesteps)
+    assert acc.plan.rows == _expected_rows(method, pipe.transformer, sigmas)
+    assert len({bucket_of(s, 10) for s in sigmas}) >= 4  # the steps spread over the buckets
+    skipped = sorted({e.step for e in acc.ledger.modules if e.decision is Decision.SKIP})
+    assert skipped == [s for s in range(6) if any(row[s] is Decision.SKIP for row in acc.plan.rows.values())]
+    assert acc.plan_for(6).rows == acc.plan.rows  # planned ahead from the scheduler as the call left it
+    acc.remove()
+
+
+def test_flux_exit_skips_into_the_single_stream_stage():
+    """Keeping one of Flux's five blocks drops the second dual-stream block and every single-stream
+    one; the skipped dual block hands on its (text, image) inputs in its own tuple order, so the
+    output layer sees exactly what the first block produced."""
+    pipe = _flow_pipe("tiny-flux")
+    vanilla = _flow_call(pipe, "tiny-flux", 4)
+    method = EarlyExit(schedule=[5] * 5 + [1] * 5)
+    acc = fastdiff.apply(pipe, method)
+    transformer = pipe.transformer
+    assert acc.plan.modules == ["transformer_blocks.1"] + [f"single_transformer_blocks.{i}" for i in range(3)]
+    seen = {"first": [], "skipped": [], "norm": [], "single": []}
+    handles = [
+        transformer.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen["first"].append(out)),
+        transformer.transformer_blocks[1].register_forward_hook(
+            lambda m, a, kw, out: seen["skipped"].append((kw["encoder_hidden_states"], kw["hidden_states"], out)),
+            with_kwargs=True),
+        transformer.norm_out.register_forward_pre_hook(lambda m, args: seen["norm"].append(args[0])),
+        transformer.single_transformer_blocks[0].attn.register_forward_pre_hook(
+            lambda m, args: seen["single"].append(1)),
+    ]
+    try:
+        out = _flow_call(pipe, "tiny-flux", 4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    row = acc.plan.rows["transformer_blocks.1"]
+    skipped = [s for s, d in enumerate(row) if d is Decision.SKIP]
+    assert skipped and len(skipped) < 4
+    assert acc.plan.rows == _expected_rows(method, transformer, [float(s) for s in pipe.scheduler.sigmas[:4]])
+    assert len(seen["single"]) == 4 - len(skipped)  # the single stage ran only where nothing was dropped
+    for step in skipped:
+        text_in, image_in, (text_out, image_out) = seen["skipped"][step]
+        assert text_out is text_in and image_out is image_in
+        assert torch.equal(seen["norm"][step], seen["first"][step][1])  # block 0's image, straight to the output
+    events = [(e.module, e.step, e.decision) for e in acc.ledger.modules]
+    assert events == [(m, s, r[s]) for s in range(4) for m, r in acc.plan.rows.items()]
+    assert np.isfinite(out).all() and not np.array_equal(out, vanilla)
+    acc.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_flow_matching_img2img_starts_part_way(name):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    base = _flow_pipe(name)
+    pipe = (StableDiffusion3Img2ImgPipeline if name == "tiny-sd3" else FluxImg2ImgPipeline).from_pipe(base)
+    pipe.set_progress_bar_config(disable=True)
+    method = EarlyExit(schedule="linear", min_depth=0.2)
+    acc = fastdiff.apply(pipe, method)
+    given = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kwargs: given.append(float(kwargs["timestep"].reshape(-1)[0])), with_kwargs=True)
+    try:
+        pipe("a cat", image=torch.rand(1, 3, 64, 64), strength=0.5, num_inference_steps=10, height=64, width=64,
+             generator=torch.Generator().manual_seed(0), output_type="np")
+    finally:
+        handle.remove()
+    scale = 1000.0 if name == "tiny-flux" else 1.0  # Flux gives its transformer t / 1000
+    run_levels = [t * scale / 1000 for t in given]
+    assert acc.plan.num_steps == len(given) == 5
+    sigmas = [float(s) for s in pipe.scheduler.sigmas[5:10]]
+    assert np.allclose(run_levels, sigmas, atol=1e-4)  # the tail of the schedule, as run
+    assert acc.plan.rows == _expected_rows(method, pipe.transformer, sigmas)
+    assert any(d is Decision.SKIP for row in acc.plan.rows.values() for d in row)
+    acc.remove()
+
+
+def test_calibration_on_flux_buckets_by_the_schedule_not_the_denoiser_input():
+    """Flux's pipeline gives its transformer t / 1000; the calibration's noise levels are the
+    scheduler's own, so its buckets are the noise the steps really had."""
+    pipe = _flow_pipe("tiny-flux")
+    method = EarlyExit.calibrate(pipe, ["a cat"], steps=4, tolerance=1e9, height=64, width=64, guidance_scale=3.5,
+                                 show_progress=False)
+    sigmas = [float(s) for s in pipe.scheduler.sigmas[:4]]
+    assert np.allclose(method.calibration.noise_levels, sigmas, atol=1e-4) and max(sigmas) == 1.0
+    visited = {bucket_of(s, 10) for s in sigmas}
+    assert 0 not in visited and len(visited) == 4  # (read from the denoiser's input, all would fall in bucket 0)
+    depths = method.depths(pipe.transformer)
+    assert all(depths[b] == 1 for b in visited)  # everything within tolerance: the shallowest exit
+    assert depths[0] == 5  # no step was that little noisy: full depth there

@@ -174,3 +174,130 @@ def test_composes_with_block_caching_and_encoder_propagation(sd_pipe):
                 outputs.append(run(sd_pipe, steps=8))
                 acc.remove()
         assert all(np.abs(out - outputs[0]).max() < 1e-5 for out in outputs), gate
+
+
+# -- Wan: guidance as two separate transformer calls per step ------------------------------------
+WAN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def wan_pipe():
+    from fastdiff.models import build_builtin
+
+    pipe = build_builtin("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_call(pipe, seed=0, **kwargs):
+    from fastdiff.models import builtin_info
+
+    options = {**builtin_info("tiny-wan").call_kwargs(), "num_inference_steps": WAN_STEPS, **kwargs}
+    return pipe(prompt="a cat walking on the grass", generator=torch.Generator().manual_seed(seed), output_type="np",
+                **options).frames
+
+
+def transformer_runs(pipe):
+    """Batch sizes of the transformer calls that really ran (the patch embedding is inside it;
+    a call T-GATE answers from the step's first call never reaches it)."""
+    seen = []
+    embedding = pipe.transformer.patch_embedding
+    handle = embedding.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    return seen, handle
+
+
+def test_wan_gate_at_the_last_step_is_exact(wan_pipe):
+    vanilla = wan_call(wan_pipe)
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=WAN_STEPS, sp_interval=1))
+    seen, handle = transformer_runs(wan_pipe)
+    try:
+        assert np.array_equal(wan_call(wan_pipe), vanilla)
+    finally:
+        handle.remove()
+        acc.remove()
+    assert len(seen) == 2 * WAN_STEPS and acc.report().module_calls_avoided == 0
+
+
+def test_wan_drops_the_unconditional_call_after_the_gate(wan_pipe):
+    vanilla = wan_call(wan_pipe)
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2), count_flops=True)
+    seen, handle = transformer_runs(wan_pipe)
+    try:
+        out = wan_call(wan_pipe)
+    finally:
+        handle.remove()
+        acc.remove()
+    assert len(seen) == 1 + 2 + 2 + 1 + 1  # the FLOP count's one vanilla pass, then 2, 2, 1, 1 calls
+    report = acc.report()
+    # the pipeline still made both calls; after the gate the second is answered without running
+    assert [(s.denoiser_calls, s.answered) for s in report.steps] == [(2, 0), (2, 0), (1, 1), (1, 1)]
+    assert "2 more answered without running it" in report.summary()
+    steps = report.steps
+    assert steps[0].flops_saved == steps[1].flops_saved == 0
+    assert all(s.flops_saved > s.flops_vanilla / 2 for s in steps[2:])  # the whole second call, and more
+    # every planned decision, once per call that ran: twice before the gate, once after it
+    for module, row in acc.plan.rows.items():
+        events = [(e.step, e.decision) for e in acc.ledger.modules if e.module == module]
+        assert events == [(s, d) for s, d in enumerate(row) for _ in range(2 if s < 2 else 1)]
+    difference = np.abs(out - vanilla).mean()
+    assert 0 < difference < 0.2 * np.abs(wan_call(wan_pipe, seed=1) - vanilla).mean()
+
+
+def test_wan_keeps_the_mean_of_both_calls_at_the_gate(wan_pipe):
+    outputs = []
+    handle = wan_pipe.transformer.blocks[0].attn2.register_forward_hook(lambda m, args, out: outputs.append(out))
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2))
+    try:
+        wan_call(wan_pipe)
+    finally:
+        handle.remove()
+        acc.remove()
+    # steps 0 and 1: cond and uncond computed; steps 2 and 3: one call each, given the mean
+    assert len(outputs) == 6
+    cond, uncond = outputs[2], outputs[3]
+    assert not torch.equal(cond, uncond)
+    assert torch.equal(outputs[4], (cond + uncond) / 2) and torch.equal(outputs[5], outputs[4])
+
+
+def test_wan_layout_is_read_from_the_calls(wan_pipe):
+    # two videos per prompt: a batch of 2 in each of the two calls is not a guidance batch
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2))
+    seen, handle = transformer_runs(wan_pipe)
+    try:
+        wan_call(wan_pipe, num_videos_per_prompt=2)
+    finally:
+        handle.remove()
+        acc.remove()
+    assert seen == [2, 2, 2, 2, 2, 2]
+    # without guidance there is one call per step and nothing to drop
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2))
+    seen, handle = transformer_runs(wan_pipe)
+    try:
+        wan_call(wan_pipe, guidance_scale=1.0)
+    finally:
+        handle.remove()
+        acc.remove()
+    assert seen == [1] * WAN_STEPS
+    assert not any(s.answered for s in acc.report().steps)
+
+
+def test_wan_refuses_to_keep_the_unconditional_call(wan_pipe):
+    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2, keep_half="uncond"))
+    try:
+        with pytest.raises(ValueError, match=r"keep_half='uncond'.*WanPipeline.*two separate denoiser calls.*"
+                                             r"conditional one first.*use keep_half='cond'"):
+            wan_call(wan_pipe)
+    finally:
+        acc.remove()
+    assert np.isfinite(wan_call(wan_pipe)).all()  # the pipeline still works after the refused call
+
+
+@pytest.mark.parametrize("name, family, count", [("tiny-sd3", "sd3", 3), ("tiny-flux", "flux", 5)])
+def test_joint_attention_is_refused(name, family, count):
+    from fastdiff.models import build_builtin
+
+    pipe = build_builtin(name)
+    with pytest.raises(TypeError, match=rf"TGate needs a denoiser with cross-attention .* \({family}\) has none: its "
+                                        rf"{count} attention modules are joint attention"):
+        fastdiff.apply(pipe, TGate())
+    assert "acceleration" not in pipe.__dict__

@@ -5,6 +5,7 @@ from . import unet as _unet  # noqa: F401  (registers the UNet family)
 from .base import (
     ATTENTION_KINDS,
     FAMILIES,
+    GUIDANCE_STYLES,
     Anatomy,
     Block,
     BlockIO,
@@ -23,6 +24,7 @@ __all__ = [
     "ATTENTION_KINDS",
     "FAMILIES",
     "GRANULARITIES",
+    "GUIDANCE_STYLES",
     "Anatomy",
     "Block",
     "BlockIO",

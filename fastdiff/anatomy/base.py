@@ -27,6 +27,11 @@ import torch
 
 ATTENTION_KINDS = ("self", "cross", "joint")
 TEXT_LAYOUTS = ("none", "cross", "joint")
+# How a family's pipelines apply classifier-free guidance: ``batch`` (the unconditional and the
+# conditional input stacked in one denoiser call), ``calls`` (two denoiser calls per step: Wan,
+# QwenImage), ``embedded`` (a guidance-distilled model takes the scale as an input; true guidance,
+# where a pipeline offers it, runs as a second call: Flux, HunyuanVideo, Flux.2).
+GUIDANCE_STYLES = ("batch", "calls", "embedded")
 
 
 # -- blocks -------------------------------------------------------------------------------------
@@ -135,15 +140,20 @@ class TokenLayout:
     """How a transformer's image tokens lie, for splitting them across processes.
 
     ``embed``: the module whose output are the image tokens (``"tokens"``: ``B × N × C`` in
-    row-major order of the token grid; ``"grid"``: a ``B × C × [F ×] H × W`` map the model then
-    flattens). ``output_norm``: the module that first needs every token again (tokens are
-    gathered before it). ``patch``: latent pixels per token along (frames,) rows and columns.
-    ``packed``: the denoiser is called on tokens already (Flux packs 2×2 latent patches in the
-    pipeline), so its input has no rows to read. ``text``: where text meets the image — ``none``
+    row-major order of the token grid, frame by frame; ``"grid"``: a ``B × C × [F ×] H × W`` map
+    the model then flattens). ``output_norm``: the module that first needs every token again
+    (tokens are gathered before it). ``patch``: latent pixels per token along (frames,) rows and
+    columns. ``frames``: the tokens are frames × rows × columns (video). ``packed``: the denoiser
+    is called on tokens already (Flux packs 2×2 latent patches in the pipeline), so its input has
+    no rows to read; ``positions`` then names the denoiser argument that gives each image token's
+    ``(·, row, column)`` (Flux: ``img_ids``). ``text``: where text meets the image — ``none``
     (class-conditional), ``cross`` (cross-attention to a text context every process holds), or
     ``joint`` (text tokens are a second stream joined with the image tokens in attention).
-    ``rotary``: the module making the rotary table for the whole sequence, and whether that table
-    starts with the text tokens (Flux), so a process can cut out its own rows.
+    ``text_first``: in a joint attention's sequence, and in the rotary table, the text tokens come
+    before the image tokens (Flux: ``[text; image]``; SD3 joins them as ``[image; text]``).
+    ``rotary``: the module making the rotary table for the whole sequence (its output: a tensor or
+    a tuple of tensors), and ``rotary_token_dim`` the dimension along which its rows are tokens, so
+    a process can cut out its own rows.
     """
 
     embed: str
@@ -152,9 +162,19 @@ class TokenLayout:
     embed_output: str = "tokens"
     frames: bool = False
     packed: bool = False
+    positions: str | None = None
     text: str = "none"
+    text_first: bool = False
     rotary: str | None = None
-    rotary_text_first: bool = False
+    rotary_token_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_LAYOUTS:
+            raise ValueError(f"TokenLayout.text must be one of {TEXT_LAYOUTS}, got {self.text!r}")
+        if self.embed_output not in ("tokens", "grid"):
+            raise ValueError(f"TokenLayout.embed_output must be 'tokens' or 'grid', got {self.embed_output!r}")
+        if self.packed and self.positions is None:
+            raise ValueError("TokenLayout: packed tokens need `positions`, the argument that says where each lies")
 
 
 # -- UNets --------------------------------------------------------------------------------------
@@ -185,6 +205,7 @@ class Anatomy:
     time_embedding: tuple[str, ...]
     tokens: TokenLayout | None = None
     unet: UNetParts | None = None
+    guidance: str = "batch"  # one of GUIDANCE_STYLES
     layer_paths: Callable[[str], list[str]] | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -54,7 +54,7 @@ def cached_quantity(args: tuple, kwargs: dict, output: Any, residual: bool,
     return main, False
 
 
-def _text_quantity(args: tuple, kwargs: dict, output: Any, residual: bool,
+def text_quantity(args: tuple, kwargs: dict, output: Any, residual: bool,
                    io: BlockIO) -> tuple[torch.Tensor | None, bool]:
     """The same for a dual-stream block's text stream (MMDiT), which the next block reads too."""
     text = io.text_of(output)
@@ -76,28 +76,33 @@ def channel_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor | Non
     return None
 
 
+Fitted = Mapping[int, tuple[Sequence[float], Sequence[float]]]  # step -> (scale, shift) per channel
+
+
 class BlockRule(ReuseRule):
     """Keeps a block's output (or residual) and gives it back, scaled and shifted per channel if
-    fitted. A dual-stream block (MMDiT) keeps its text stream the same way, unfitted."""
+    fitted. A dual-stream block (MMDiT) keeps its text stream the same way, with its own fit:
+    the next block reads both streams, so a stale text stream is as visible as a stale image."""
 
-    def __init__(self, residual: bool, alignment: Mapping[int, tuple[Sequence[float], Sequence[float]]] | None,
-                 io: BlockIO = SINGLE_STREAM) -> None:
+    def __init__(self, residual: bool, alignment: Fitted | None, io: BlockIO = SINGLE_STREAM,
+                 text_alignment: Fitted | None = None) -> None:
         self.residual = residual
         self.io = io
         self.alignment = {int(k): v for k, v in (alignment or {}).items()}
-        self._moved: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.text_alignment = {int(k): v for k, v in (text_alignment or {}).items()}
+        self._moved: dict[tuple[str, int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
         quantity, is_residual = cached_quantity(args, kwargs, output, self.residual, self.io)
-        text = _text_quantity(args, kwargs, output, self.residual, self.io)
+        text = text_quantity(args, kwargs, output, self.residual, self.io)
         container = None if isinstance(output, torch.Tensor) and quantity is not None else output
         return (quantity, is_residual, container, text)
 
-    def _align(self, tensor: torch.Tensor, step: int) -> torch.Tensor:
-        fitted = self.alignment.get(step)
+    def _align(self, tensor: torch.Tensor, step: int, stream: str = "image") -> torch.Tensor:
+        fitted = (self.alignment if stream == "image" else self.text_alignment).get(step)
         if fitted is None:
             return tensor
-        key = (step, tensor.device, tensor.dtype)
+        key = (stream, step, tensor.device, tensor.dtype)
         if key not in self._moved:
             self._moved[key] = (torch.tensor(fitted[0], device=tensor.device, dtype=tensor.dtype),
                                 torch.tensor(fitted[1], device=tensor.device, dtype=tensor.dtype))
@@ -117,8 +122,10 @@ class BlockRule(ReuseRule):
         value = self._align(quantity, step)
         if is_residual:
             value = self.io.image_in(args, kwargs) + value
-        if text is not None and text_residual:
-            text = self.io.text_in(args, kwargs) + text
+        if text is not None:
+            text = self._align(text, step, "text")
+            if text_residual:
+                text = self.io.text_in(args, kwargs) + text
         if container is None:
             return value
         if value is quantity and text is None:
@@ -144,6 +151,7 @@ class BlockCacheCalibration:
     seed: int = 0
     aligned_rows: dict[str, str] | None = None  # the schedule the alignment was fitted for
     alignment: dict[str, dict[str, list[list[float]]]] | None = None  # module -> step -> [scale, shift]
+    text_alignment: dict[str, dict[str, list[list[float]]]] | None = None  # the same for dual-stream blocks' text
 
     def rows(self, threshold: float) -> dict[str, tuple[Decision, ...]]:
         return schedule_from_changes(self.change, threshold)
@@ -312,10 +320,12 @@ class BlockCache(Method):
         return rows
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
-        alignment = None
+        alignment = text_alignment = None
         if self.align:
             alignment = (self._calibration().alignment or {}).get(path)
-        return BlockRule(self.cache == "residual", alignment, anatomy_of(denoiser, "BlockCache").io(path))
+            text_alignment = (self._calibration().text_alignment or {}).get(path)
+        return BlockRule(self.cache == "residual", alignment, anatomy_of(denoiser, "BlockCache").io(path),
+                         text_alignment)
 
     def preferred_steps(self) -> int | None:
         return None if self.calibration is None else self._calibration().num_steps

@@ -26,7 +26,7 @@ from ..core.plan import Decision
 from ..anatomy import BlockIO, anatomy_of
 from ..anatomy.base import SINGLE_STREAM
 from ..core.rules import ReuseRule
-from .block_cache import DEFAULT_THRESHOLD, BlockCache, BlockCacheCalibration, cached_quantity
+from .block_cache import DEFAULT_THRESHOLD, BlockCache, BlockCacheCalibration, cached_quantity, text_quantity
 from .block_schedule import schedule_from_changes, threshold_for_budget
 from .blocks import block_paths, fingerprint
 
@@ -61,7 +61,11 @@ class StepProgress:
 
 
 class _ChangeRule(ReuseRule):
-    """Sums each step's relative L1 change of the kept quantity, relative to the block's output."""
+    """Sums each step's relative L1 change of the kept quantity, relative to the block's output.
+
+    On a dual-stream block (MMDiT) the kept quantity is both streams: the next block reads the
+    text stream as well, so a block whose text moves while its image stays put must recompute.
+    """
 
     observes = True
 
@@ -69,7 +73,7 @@ class _ChangeRule(ReuseRule):
         self.probe = probe
         self.residual = residual
         self.io = io
-        self.previous: dict[int, torch.Tensor] = {}
+        self.previous: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.sums: dict[int, float] = defaultdict(float)
         self.counts: dict[int, int] = defaultdict(int)
 
@@ -78,15 +82,21 @@ class _ChangeRule(ReuseRule):
         main = self.io.image_of(output)
         if quantity is None or main is None:
             return output
+        text, _ = text_quantity(args, kwargs, output, self.residual, self.io)
+        text_out = self.io.text_of(output)
         ordinal = self.probe.clock.calls_in_step
         previous = self.previous.get(ordinal)
-        if previous is not None and previous.shape == quantity.shape:
+        if previous is not None and previous[0].shape == quantity.shape:
             batch = quantity.shape[0] if quantity.dim() else 1
-            diff = (quantity - previous).abs().double().reshape(batch, -1).sum(1)
-            norm = main.abs().double().reshape(batch, -1).sum(1).clamp_min(_EPS)
-            self.sums[step] += float((diff / norm).mean())
+            diff = _l1(quantity - previous[0], batch)
+            norm = _l1(main, batch)
+            before = previous[1]
+            if text is not None and text_out is not None and before is not None and before.shape == text.shape:
+                diff = diff + _l1(text - before, batch)
+                norm = norm + _l1(text_out, batch)
+            self.sums[step] += float((diff / norm.clamp_min(_EPS)).mean())
             self.counts[step] += 1
-        self.previous[ordinal] = quantity.detach().clone()
+        self.previous[ordinal] = (quantity.detach().clone(), None if text is None else text.detach().clone())
         return output
 
     def reset(self) -> None:
@@ -94,6 +104,11 @@ class _ChangeRule(ReuseRule):
 
     def profile(self, steps: int) -> list[float]:
         return [self.sums[s] / self.counts[s] if self.counts[s] else 0.0 for s in range(steps)]
+
+
+def _l1(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample L1 norm, in float64."""
+    return tensor.abs().double().reshape(batch, -1).sum(1)
 
 
 @dataclass
@@ -122,7 +137,8 @@ def _reduce_dims(tensor: torch.Tensor) -> tuple[int, ...] | None:
 
 
 class _FitRule(ReuseRule):
-    """Replays one block's schedule in shadow and gathers cached-vs-fresh moments per step."""
+    """Replays one block's schedule in shadow and gathers cached-vs-fresh moments per step, for
+    its image stream and, on a dual-stream block, its text stream."""
 
     observes = True
 
@@ -131,34 +147,44 @@ class _FitRule(ReuseRule):
         self.residual = residual
         self.row = row
         self.io = io
-        self.source: dict[int, torch.Tensor] = {}
+        self.source: dict[tuple[str, int], torch.Tensor] = {}
         self.moments: dict[int, _Moments] = {}
+        self.text_moments: dict[int, _Moments] = {}
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
-        quantity, _ = cached_quantity(args, kwargs, output, self.residual, self.io)
-        if quantity is None or step >= len(self.row):
+        if step >= len(self.row):
             return output
+        image, _ = cached_quantity(args, kwargs, output, self.residual, self.io)
+        text, _ = text_quantity(args, kwargs, output, self.residual, self.io)
         ordinal = self.probe.clock.calls_in_step
-        if self.row[step] is Decision.COMPUTE:
-            self.source[ordinal] = quantity.detach().clone()
-            return output
-        x, dims = self.source.get(ordinal), _reduce_dims(quantity)
-        if x is None or dims is None or x.shape != quantity.shape:
-            return output
-        x, y = x.double(), quantity.double()
-        channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
-        count = torch.full((channels,), float(x.numel() // channels), dtype=torch.float64, device=x.device)
-        update = _Moments(count, x.sum(dims), y.sum(dims), (x * x).sum(dims), (x * y).sum(dims))
-        held = self.moments.get(step)
-        if held is None:
-            self.moments[step] = update
-        else:
-            for name in ("n", "x", "y", "xx", "xy"):
-                setattr(held, name, getattr(held, name) + getattr(update, name))
+        for stream, quantity, moments in (("image", image, self.moments), ("text", text, self.text_moments)):
+            if quantity is None:
+                continue
+            if self.row[step] is Decision.COMPUTE:
+                self.source[(stream, ordinal)] = quantity.detach().clone()
+            else:
+                _accumulate(moments, step, self.source.get((stream, ordinal)), quantity)
         return output
 
     def reset(self) -> None:
         self.source.clear()
+
+
+def _accumulate(moments: dict[int, _Moments], step: int, x: torch.Tensor | None, y: torch.Tensor) -> None:
+    """Add one (kept ``x``, fresh ``y``) pair to the per-channel least-squares sums of ``step``."""
+    dims = _reduce_dims(y)
+    if x is None or dims is None or x.shape != y.shape:
+        return
+    x, y = x.double(), y.double()
+    channels = x.shape[1] if x.dim() == 4 else x.shape[-1]
+    count = torch.full((channels,), float(x.numel() // channels), dtype=torch.float64, device=x.device)
+    update = _Moments(count, x.sum(dims), y.sum(dims), (x * x).sum(dims), (x * y).sum(dims))
+    held = moments.get(step)
+    if held is None:
+        moments[step] = update
+    else:
+        for name in ("n", "x", "y", "xx", "xy"):
+            setattr(held, name, getattr(held, name) + getattr(update, name))
 
 
 @dataclass
@@ -169,6 +195,9 @@ class _Probe(Method):
     rules: dict[str, ReuseRule] = field(default_factory=dict)
     clock: Any = None
     progress: StepProgress | None = None
+    # count FLOPs in the first step only: a block costs the same at every step, and counting
+    # every operator of a whole calibration would make it several times slower than generating
+    flops_first_step_only: bool = False
 
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         return list(self.paths)
@@ -182,6 +211,8 @@ class _Probe(Method):
     def after_scheduler_step(self, runtime: Any, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.progress is not None:
             self.progress.step()
+        if self.flops_first_step_only:
+            runtime.count_flops = False
         return output
 
     @property
@@ -261,21 +292,21 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
 
     with calibration_bar("blockcache", len(calls), steps, 2 if align else 1, show_progress) as bar:
         progress = StepProgress(bar, steps)
-        probe = _Probe(paths=paths)
+        probe = _Probe(paths=paths, flops_first_step_only=True)
         change_rules = {path: _ChangeRule(probe, residual, anatomy.io(path)) for path in paths}
         probe.rules = dict(change_rules)
         accelerator = _observe(pipe, probe, calls, count_flops=True, progress=progress)
         change = {path: rule.profile(steps) for path, rule in change_rules.items()}
-        flops: dict[str, float] = defaultdict(float)
+        measured: dict[str, list[int]] = defaultdict(list)  # per block, its FLOPs in each counted call
         for event in accelerator.ledger.modules:
             if event.flops is not None:
-                flops[event.module] += event.flops
-        denoiser_calls = max(sum(s.denoiser_calls for s in accelerator.ledger.steps), 1)
+                measured[event.module].append(event.flops)
 
         calibration = BlockCacheCalibration(
             denoiser=type(denoiser).__name__, fingerprint=fingerprint(denoiser), num_steps=steps,
             granularity=granularity, cache=cache, modules=paths, change=change,
-            flops={p: flops.get(p, 0.0) / denoiser_calls for p in paths}, prompts=prompts, seed=seed,
+            flops={p: sum(measured[p]) / len(measured[p]) if measured[p] else 0.0 for p in paths},
+            prompts=prompts, seed=seed,
         )
         if align:
             delta = threshold if threshold is not None else (
@@ -290,6 +321,10 @@ def calibrate(pipe: DiffusionPipeline, prompts: Sequence[str], *, steps: int = 5
             calibration.alignment = {
                 path: {str(step): list(moments.fit()) for step, moments in sorted(rule.moments.items())}
                 for path, rule in fit_rules.items()
+            }
+            calibration.text_alignment = {
+                path: {str(step): list(moments.fit()) for step, moments in sorted(rule.text_moments.items())}
+                for path, rule in fit_rules.items() if rule.text_moments
             }
     return BlockCache(threshold=threshold, budget=budget, granularity=granularity, cache=cache, align=align,
                       budget_by=budget_by, calibration=calibration)

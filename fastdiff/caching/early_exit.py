@@ -3,8 +3,11 @@
 Near pure noise the network's job is coarse, so its deepest blocks can be dropped there; near
 the data every block matters. The schedule gives, per timestep bucket (equal slices of the
 training timesteps, lowest noise first), how much of the depth is kept; the plan turns it into
-SKIP decisions step by step from the call's own timesteps. Transformers keep their first ``k``
-blocks and then the final layer; UNets drop their innermost piece (see :mod:`.exit_ladder`).
+SKIP decisions step by step from the call's own timesteps — read from the scheduler, so on flow
+matching (SD3, Flux, Wan) a step's level is its sigma, whatever scale the pipeline hands the
+denoiser its timestep in (Flux: t / 1000). Transformers keep their first ``k`` blocks of the
+whole sequence (Flux: dual-stream, then single-stream) and then the final layer; UNets drop
+their innermost piece (see :mod:`.exit_ladder`).
 
 Schedules:
 
@@ -40,7 +43,7 @@ from ..core.method import Method
 from ..core.plan import Decision
 from ..anatomy import Anatomy, anatomy_of
 from ..core.rules import ReuseRule
-from ..core.timeline import noise_levels
+from ..core.timeline import announced_levels, noise_levels
 from .blocks import fingerprint
 from .exit_finetune import finetune
 from .exit_ladder import ExitLadder, exit_ladder, exiting
@@ -268,7 +271,9 @@ class EarlyExit(Method):
         with calibration_bar("earlyexit", len(calls), steps, 1, show_progress) as bar:
             accelerator = _observe(pipe, probe, calls, count_flops=False, progress=StepProgress(bar, steps))
         first_call = [s.timestep or 0.0 for s in accelerator.ledger.steps if s.call == accelerator.ledger.steps[0].call]
-        levels = list(noise_levels(first_call, pipe.scheduler) or ())[:steps]
+        # the scheduler's own timesteps, not what the denoiser was given: Flux passes t / 1000
+        levels = list(announced_levels(pipe.scheduler, len(first_call))
+                      or noise_levels(first_call, pipe.scheduler) or ())[:steps]
         change = {kept: watch.profile(kept, len(levels)) for kept in ladder.skipped}
         per_step = [_exit_within(ladder, change, s, tolerance) for s in range(len(levels))]
         depths = _bucket_depths(per_step, levels, buckets, ladder.depth)

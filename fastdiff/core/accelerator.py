@@ -99,6 +99,7 @@ class Accelerator:
         # what the unmodified denoiser runs, by input signature: measured once per shape, kept for
         # the life of the handle (a vanilla call's cost depends on nothing but its input shapes)
         self._vanilla: dict[tuple, int] = {}
+        self._answered = False  # the denoiser call in progress is answered without running it
 
     # -- plan -----------------------------------------------------------------------------
     def plan_for(self, num_steps: int, noise_levels: Sequence[float] | None = None) -> Plan:
@@ -263,6 +264,12 @@ class Accelerator:
         self.clock.advance()
         return output
 
+    def answer_call(self) -> None:
+        """Tell the engine that the denoiser call in progress is being answered without running the
+        denoiser (from a batched earlier call, or a dropped guidance call): the Ledger counts it as
+        answered, not as a denoiser call (NFE)."""
+        self._answered = True
+
     def denoiser_finished(self, seconds: float, counter: FlopCounterMode | None, vanilla: int | None = None) -> None:
         clock = self.clock
         clock.calls_in_step += 1
@@ -270,8 +277,9 @@ class Accelerator:
         self._counter = None
         if flops is not None and vanilla is None and not self.methods:
             vanilla = flops  # nothing is applied: this call is the vanilla one
+        answered, self._answered = self._answered, False
         self.ledger.record_step(clock.call_index, clock.step, _as_float(clock.timestep), seconds, flops,
-                                flops_vanilla=vanilla)
+                                denoiser_calls=0 if answered else 1, flops_vanilla=vanilla, answered=int(answered))
 
     def vanilla_flops(self, forward: Any, args: tuple, kwargs: dict) -> int | None:
         """What the unmodified denoiser would run on the pipeline's own arguments of this call.

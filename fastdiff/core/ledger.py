@@ -45,6 +45,7 @@ class StepEvent:
     flops: int | None = None
     # what the unmodified denoiser would have run for the calls the pipeline made in this step
     flops_vanilla: int | None = None
+    answered: int = 0  # calls the pipeline made that were answered without running the denoiser
 
 
 @dataclass
@@ -102,18 +103,20 @@ class Ledger:
             self.cache_bytes = {c: b for c, b in self.cache_bytes.items() if c >= oldest}
 
     def record_step(self, call: int, step: int, timestep: float | None, seconds: float, flops: int | None,
-                    denoiser_calls: int = 1, flops_vanilla: int | None = None) -> None:
-        """One denoiser call of ``step`` (or ``denoiser_calls=0``: a step whose output was reused whole)."""
+                    denoiser_calls: int = 1, flops_vanilla: int | None = None, answered: int = 0) -> None:
+        """One denoiser call of ``step`` (or ``denoiser_calls=0``: a step whose output was reused
+        whole; ``answered=1``: a call the pipeline made that a method answered without running)."""
         last = self.steps[-1] if self.steps else None
         if last is not None and last.call == call and last.step == step:
             last.seconds += seconds
             last.denoiser_calls += denoiser_calls
+            last.answered += answered
             if flops is not None:
                 last.flops = (last.flops or 0) + flops
             if flops_vanilla is not None:
                 last.flops_vanilla = (last.flops_vanilla or 0) + flops_vanilla
             return
-        self.steps.append(StepEvent(call, step, timestep, seconds, denoiser_calls, flops, flops_vanilla))
+        self.steps.append(StepEvent(call, step, timestep, seconds, denoiser_calls, flops, flops_vanilla, answered))
 
     @property
     def calls(self) -> list[int]:
@@ -147,7 +150,8 @@ class Ledger:
             calls=len(chosen),
             steps=[
                 StepSummary(s.call, s.step, s.timestep, s.seconds, s.denoiser_calls, s.flops,
-                            s.flops_vanilla if measured else None, sent_by_step.get((s.call, s.step), 0))
+                            s.flops_vanilla if measured else None, sent_by_step.get((s.call, s.step), 0),
+                            s.answered)
                 for s in steps
             ],
             modules=list(per_module.values()),
@@ -194,6 +198,7 @@ class StepSummary:
     flops_run: int | None
     flops_vanilla: int | None
     bytes_sent: int = 0
+    answered: int = 0  # calls the pipeline made that a method answered without running the denoiser
 
     @property
     def flops_saved(self) -> int | None:
@@ -276,7 +281,9 @@ class Report:
         return self.flops_vanilla / self.flops_run
 
     def summary(self) -> str:
-        parts = [f"{len(self.steps)} steps, {self.denoiser_calls} denoiser calls"]
+        answered = sum(s.answered for s in self.steps)
+        parts = [f"{len(self.steps)} steps, {self.denoiser_calls} denoiser calls"
+                 + (f" ({answered} more answered without running it)" if answered else "")]
         if self.modules:
             parts.append(f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped")
         if self.flops_run is not None and self.flops_vanilla is not None:

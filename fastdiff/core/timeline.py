@@ -9,6 +9,7 @@ img2img where the call starts part-way down.
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
@@ -43,14 +44,34 @@ def announced_levels(scheduler: Any, num_steps: int) -> tuple[float, ...] | None
 
 
 def planned_levels(scheduler: Any, num_steps: int) -> tuple[float, ...]:
-    """The noise levels a call with ``num_steps`` steps will visit, from a copy of its scheduler."""
+    """The noise levels a call with ``num_steps`` steps will visit, from a copy of its scheduler.
+
+    A call's own plan is always made from the timesteps its pipeline set (:func:`announced_levels`);
+    this is the prediction shown before a call. Flow-matching schedulers that shift by image size
+    (Flux: ``use_dynamic_shifting``) cannot say without the call's ``mu``: the timesteps they were
+    last set to are used when they are for ``num_steps`` steps, else the shift the pipelines use
+    at the model's largest configured image (``max_shift``, e.g. Flux at 1024 px) on the
+    evenly spaced sigmas those pipelines pass.
+    """
     if scheduler is not None and hasattr(scheduler, "set_timesteps"):
-        try:
-            probe = copy.deepcopy(scheduler)
-            probe.set_timesteps(num_steps)
-            levels = noise_levels(probe.timesteps, probe)
-        except Exception:  # e.g. flow-matching schedulers that need the image size (mu) first
-            levels = None
+        levels = _probe(scheduler, num_steps)
+        if levels is None:
+            current = noise_levels(getattr(scheduler, "timesteps", None), scheduler)
+            if current is not None and len(current) == num_steps:
+                return current
+            config = getattr(scheduler, "config", None)
+            mu = getattr(config, "max_shift", None)
+            if mu is not None and "mu" in inspect.signature(scheduler.set_timesteps).parameters:
+                levels = _probe(scheduler, num_steps, sigmas=list(linear_levels(num_steps)), mu=float(mu))
         if levels is not None and len(levels) == num_steps:
             return levels
     return linear_levels(num_steps)
+
+
+def _probe(scheduler: Any, num_steps: int, **options: Any) -> tuple[float, ...] | None:
+    try:
+        probe = copy.deepcopy(scheduler)
+        probe.set_timesteps(num_steps, **options)
+        return noise_levels(probe.timesteps, probe)
+    except Exception:  # e.g. a flow-matching scheduler that needs the image size (mu) first
+        return None

@@ -9,6 +9,7 @@ and communication time, and fidelity (PSNR, max |diff|) against the single-proce
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -120,7 +121,9 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
         if len(found) != 1:
             raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")
         patches[label] = found[0]
+    before = resident_memory_bytes()
     pipe = _loaded(model, device, dtype, threads)
+    holding = resident_memory_bytes()
     splits = {}
     for label, patch in patches.items():
         try:
@@ -128,7 +131,9 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
                                                  guidance_scale=request.guidance_scale)
         except ValueError as exc:
             raise ValueError(f"--parallel {processes}: setting {label!r}: {exc}") from None
-    check_processes_fit(processes, device, threads=threads, process_bytes=resident_memory_bytes())
+    # a process holds what this one holds now; this one gives its pipeline back before they start
+    check_processes_fit(processes, device, threads=threads, process_bytes=holding,
+                        freed_bytes=(holding - before) if holding and before else None)
     single_specs = [s for s in next(iter(settings.values())) if not isinstance(parse_method(s), PatchParallel)]
     desc = f"one process, then {plural(len(settings), 'setting')} on {processes} processes"
     with progress_bar(total=1 + len(settings), desc=desc, unit="run", enabled=show_progress) as bar:
@@ -136,6 +141,7 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
         times, reference, _ = _timed_calls(pipe, request, single_specs, warmup, repeats)
         bar.update(1)
         del pipe
+        gc.collect()  # its memory goes back before the processes load their own copies
         single = ParallelRun("one process" + (f" ({', '.join(single_specs)})" if single_specs else ""), single_specs, 1,
                              times, statistics.median(times), split="one process: no split")
         runs = [single]

@@ -515,10 +515,10 @@ def _tiny_t5(
         return _ready(T5EncoderModel(T5Config(**_t5_config_kwargs(vocab_size, d_model, **sizes))))
 
 
-def _tiny_umt5(seed: int, vocab_size: int, *, d_model: int = 32) -> UMT5EncoderModel:
+def _tiny_umt5(seed: int, vocab_size: int, *, d_model: int = 32, **sizes: Any) -> UMT5EncoderModel:
     """Wan's text encoder class: UMT5 differs from T5 by a relative position bias in every layer."""
     with _seeded(seed, "text_encoder"):
-        return _ready(UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(vocab_size, d_model))))
+        return _ready(UMT5EncoderModel(UMT5Config(**_t5_config_kwargs(vocab_size, d_model, **sizes))))
 
 
 def _build_tiny_pixart(seed: int) -> PixArtAlphaPipeline:
@@ -629,6 +629,24 @@ TINY_WAN_TRANSFORMER_CONFIG: dict[str, Any] = {
     "rope_max_seq_len": 1024,
 }
 
+# Wan-AI/Wan2.1-T2V-1.3B's transformer: 30 blocks of 12 x 128 channels, FFN 8960, text width
+# 4096 (UMT5-XXL), RMS-normalised q/k across heads.
+WAN21_1_3B_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
 # Wan's causal 3D VAE: 8x spatial and 4x temporal compression (frames 1 + 4k -> 1 + k latents).
 TINY_WAN_VAE_CONFIG: dict[str, Any] = {
     "base_dim": 8,
@@ -722,15 +740,25 @@ def _build_tiny_flux(seed: int) -> FluxPipeline:
     )
 
 
-def _build_tiny_wan(seed: int) -> WanPipeline:
+def _wan(seed: int, transformer_config: Mapping[str, Any], text_sizes: Mapping[str, int]) -> WanPipeline:
     tokenizer = t5_tokenizer(T5_MAX_LENGTH)
     return WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=_tiny_umt5(seed, len(tokenizer)),
+        text_encoder=_tiny_umt5(seed, len(tokenizer), **text_sizes),
         vae=_seeded_module(seed, "vae", lambda: AutoencoderKLWan(**TINY_WAN_VAE_CONFIG)),
         scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER_CONFIG),
-        transformer=_seeded_module(seed, "transformer", lambda: WanTransformer3DModel(**TINY_WAN_TRANSFORMER_CONFIG)),
+        transformer=_seeded_module(seed, "transformer", lambda: WanTransformer3DModel(**transformer_config)),
     )
+
+
+def _build_tiny_wan(seed: int) -> WanPipeline:
+    return _wan(seed, TINY_WAN_TRANSFORMER_CONFIG, {"d_model": 32})
+
+
+def _build_wan_arch(seed: int) -> WanPipeline:
+    """Wan 2.1 1.3B's transformer (where the time goes) behind a two-layer text encoder of the real
+    output width (4096) and the tiny VAE."""
+    return _wan(seed, WAN21_1_3B_TRANSFORMER_CONFIG, {"d_model": 4096, "num_heads": 8, "d_ff": 256, "num_layers": 1})
 
 
 def _build_digits(seed: int) -> DiffusionPipeline:
@@ -847,6 +875,21 @@ _REGISTRY: dict[str, BuiltinModel] = {
                 "float32) with thin text encoders and VAE, for speed benchmarks."
             ),
             builder=_build_sd3_arch,
+        ),
+        BuiltinModel(
+            name="wan-arch",
+            pipeline_class="WanPipeline",
+            height=128,
+            width=128,
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            num_frames=5,
+            description=(
+                "The exact Wan 2.1 T2V 1.3B transformer (random weights; about 5.7 GB in float32) with a thin "
+                "text encoder and VAE, for speed benchmarks; 5 frames at 128 px by default."
+            ),
+            example_prompt="a cat walking on the grass, realistic",
+            builder=_build_wan_arch,
         ),
         BuiltinModel(
             name="digits",

@@ -87,10 +87,11 @@ def resident_memory_bytes() -> int | None:
 
 
 def check_processes_fit(processes: int, requested: str = "auto", *, threads: int | None = None,
-                        process_bytes: int | None = None) -> None:
+                        process_bytes: int | None = None, freed_bytes: int | None = None) -> None:
     """Refuse, before anything is started, a local launch this machine cannot hold: more GPU
     processes than GPUs, more CPU processes (times ``threads``) than cores, or more memory than
-    is available (``process_bytes`` each)."""
+    is available (``process_bytes`` each; ``freed_bytes`` will be given back by the caller before
+    the processes start)."""
     on_gpu = torch.cuda.is_available() and not _cpu_requested(requested)
     if on_gpu and processes > torch.cuda.device_count():
         raise ValueError(f"--parallel: {processes} processes on GPUs: {_gpu_shortage(torch.cuda.device_count())}")
@@ -101,6 +102,8 @@ def check_processes_fit(processes: int, requested: str = "auto", *, threads: int
                          f"has {cores}: processes sharing a core only wait for each other; use at most "
                          f"{max(cores // (threads or 1), 1)} processes" + (" or fewer --threads" if threads and threads > 1 else ""))
     available = available_memory_bytes()
+    if available is not None and freed_bytes:
+        available += max(freed_bytes, 0)
     if process_bytes and available is not None and processes * process_bytes > available:
         raise ValueError(f"--parallel: {processes} processes need about {processes * process_bytes / 2**30:.1f} GiB "
                          f"({process_bytes / 2**30:.2f} GiB each, as much as this one holds with the pipeline loaded) "

@@ -9,6 +9,13 @@ patches, as diffusers hooks on the existing modules (the user's attention proces
   input tokens (DistriFusion, sync) or its own plus the nearest ``neighbor_fraction`` of each
   neighbour's rows (PCPP). The context goes in as ``encoder_hidden_states``, which the processor
   turns into keys and values as for any attention.
+* An attention whose processor makes its keys itself from this process's tokens — joint
+  text + image attention (SD3, Flux), rotary positions (Flux, Wan) — cannot be handed a context:
+  the text stream, the rotary table and the order in the sequence are the processor's business.
+  It runs as set, and where it calls ``scaled_dot_product_attention`` the image rows of its
+  keys and values (normalised, rotated, exactly as the processor made them) are exchanged, and
+  replaced by every patch's (or the neighbours' share). Text keys/values stay local: every
+  process holds the text.
 Cross-attention and per-token layers need nothing and are not hooked.
 """
 
@@ -22,8 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
 
 from .exchange import Exchange
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 @dataclass
@@ -40,12 +51,48 @@ class PatchCall:
     prefix: Any = None
     ordinals: Counter = field(default_factory=Counter)
     patch_size: int = 1  # transformers: latent rows per token row
+    frames: int = 1  # video transformers: token frames, each split into the same rows
+
+    # -- a transformer's tokens: frames x rows x columns, row-major, split by rows in every frame
+    @property
+    def token_width(self) -> int:
+        return self.width // self.patch_size
+
+    def token_rows(self, rank: int | None = None) -> tuple[int, int]:
+        """The token rows of ``rank`` (default: this process), the same in every frame."""
+        start, stop = self.partition[self.rank if rank is None else rank]
+        return start // self.patch_size, stop // self.patch_size
+
+    def token_count(self, rank: int | None = None) -> int:
+        start, stop = self.token_rows(rank)
+        return self.frames * (stop - start) * self.token_width
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_count(r) for r in range(self.world_size))
 
     def token_range(self, rank: int | None = None) -> tuple[int, int]:
-        """A transformer's tokens of ``rank`` (default: this process) in the full row-major sequence."""
-        start, stop = self.partition[self.rank if rank is None else rank]
-        per_row = self.width // self.patch_size
-        return start // self.patch_size * per_row, stop // self.patch_size * per_row
+        """The tokens of ``rank`` in the full sequence, where they are contiguous (one frame)."""
+        if self.frames != 1:
+            raise ValueError("token_range: a patch of several frames is not contiguous; use token_index")
+        start, stop = self.token_rows(rank)
+        return start * self.token_width, stop * self.token_width
+
+    def token_index(self, rank: int | None = None, device: Any = None) -> torch.Tensor:
+        """Where the tokens of ``rank`` lie in the full sequence (its rows of every frame, in order)."""
+        start, stop = self.token_rows(rank)
+        width, rows = self.token_width, self.partition[-1][1] // self.patch_size
+        frame = torch.arange(self.frames, device=device).view(-1, 1, 1) * rows * width
+        row = torch.arange(start, stop, device=device).view(1, -1, 1) * width
+        return (frame + row + torch.arange(width, device=device).view(1, 1, -1)).flatten()
+
+    def in_grid_order(self, joined: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every process's tokens, joined in rank order along ``dim``, put back in the order of the
+        full sequence (a no-op for one frame: the patches are consecutive row ranges there)."""
+        if self.frames == 1:
+            return joined
+        order = torch.cat([self.token_index(r, joined.device) for r in range(self.world_size)])
+        return joined.index_select(dim, torch.argsort(order))
 
     def key(self, path: str) -> tuple:
         n = self.ordinals[path]
@@ -151,12 +198,21 @@ class SelfAttentionHook(_PatchHook):
 
 class TokenSliceHook(_PatchHook):
     """On a transformer's patch embedding: embed the full latent (positions stay right), keep this
-    process's token rows."""
+    process's token rows — of the token sequence, or of the grid the model flattens next."""
+
+    def __init__(self, path: str, current: Any, grid: bool = False) -> None:
+        super().__init__(path, current)
+        self.grid = grid
 
     def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         tokens = self.fn_ref.original_forward(*args, **kwargs)
-        start, stop = call.token_range()
-        return tokens[:, start:stop]
+        if self.grid:  # B x C x [F x] H x W: the same rows of every frame
+            start, stop = call.token_rows()
+            return tokens[..., start:stop, :]
+        if call.frames == 1:
+            start, stop = call.token_range()
+            return tokens[:, start:stop]
+        return tokens.index_select(1, call.token_index(device=tokens.device))
 
 
 class TokenGatherHook(_PatchHook):
@@ -165,9 +221,108 @@ class TokenGatherHook(_PatchHook):
 
     def patched(self, call: PatchCall, module: torch.nn.Module, hidden_states: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor:
-        lengths = [b - a for a, b in (call.token_range(r) for r in range(call.world_size))]
+        lengths = [call.token_count(r) for r in range(call.world_size)]
         tokens = call.exchange.gather_concat(None, "output", hidden_states, lengths, dim=1, fresh=True)
-        return self.fn_ref.original_forward(tokens, *args, **kwargs)
+        return self.fn_ref.original_forward(call.in_grid_order(tokens, 1), *args, **kwargs)
+
+
+class RotarySliceHook(_PatchHook):
+    """On the module making a rotary table for the whole sequence: keep the text rows and this
+    process's image rows, so its tokens are rotated by their places in the whole image."""
+
+    def __init__(self, path: str, current: Any, token_dim: int, text_first: bool) -> None:
+        super().__init__(path, current)
+        self.token_dim = token_dim
+        self.text_first = text_first
+
+    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        table = self.fn_ref.original_forward(*args, **kwargs)
+        if isinstance(table, torch.Tensor):
+            return self._rows(call, table)
+        return type(table)(self._rows(call, t) if isinstance(t, torch.Tensor) else t for t in table)
+
+    def _rows(self, call: PatchCall, table: torch.Tensor) -> torch.Tensor:
+        size, image = table.shape[self.token_dim], call.total_tokens
+        if size < image:
+            raise ValueError(f"PatchParallel: the rotary table of {self.path!r} has {size} rows for {image} image "
+                             "tokens; the family's token layout does not describe this model")
+        text = size - image
+        index = call.token_index(device=table.device) + (text if self.text_first else 0)
+        words = torch.arange(text, device=table.device) + (0 if self.text_first else image)
+        index = torch.cat([words, index] if self.text_first else [index, words])
+        return table.index_select(self.token_dim, index)
+
+
+class KeyValueHook(_PatchHook):
+    """On an attention whose processor makes its own keys (joint text + image attention, rotary
+    positions): the processor runs as the user set it; in its ``scaled_dot_product_attention``
+    call, this patch's image keys/values are exchanged and the other patches' put beside them.
+
+    The image rows are found by count: the processor's sequence holds this process's image tokens,
+    after the text when ``text_first`` (Flux: ``[text; image]``), before it otherwise (SD3), or
+    alone (self-attention). Text keys/values are left as they are: every process has the text.
+    """
+
+    def __init__(self, path: str, current: Any, text_first: bool) -> None:
+        super().__init__(path, current)
+        self.text_first = text_first
+
+    def patched(self, call: PatchCall, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        swap = _KeyValueSwap(lambda q, k, v: self._swap(call, q, k, v))
+        with swap:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if not swap.swapped:
+            processor = type(getattr(module, "processor", None)).__name__
+            raise TypeError(
+                f"PatchParallel: attention {self.path!r} (processor {processor}) made no call to torch's "
+                "scaled_dot_product_attention over this patch's tokens, so it cannot see the other patches; "
+                "use diffusers' native attention backend (the default) with patch parallelism"
+            )
+        return output
+
+    def _swap(self, call: PatchCall, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        own, length = call.token_count(), key.shape[-2]
+        if query.shape[-2] != length or length < own or value.shape[-2] != length:
+            return None  # not the attention over this patch's tokens (an IP-adapter's, say)
+        start = length - own if self.text_first else 0
+        mine = torch.stack([key.narrow(-2, start, own), value.narrow(-2, start, own)])
+        dim = mine.dim() - 2
+        if call.mode == "pcpp":
+            pieces = _partial_tokens(call, mine, dim)
+        else:
+            pieces = _gathered_tokens(call, call.key(self.path), "attention", mine, dim)
+        # one copy each: text keys/values where the processor put them, the image's in between
+        rest = length - start - own
+        keys = torch.cat([key.narrow(-2, 0, start), *(p[0] for p in pieces), key.narrow(-2, start + own, rest)], dim=-2)
+        values = torch.cat([value.narrow(-2, 0, start), *(p[1] for p in pieces), value.narrow(-2, start + own, rest)],
+                           dim=-2)
+        return keys, values
+
+
+class _KeyValueSwap(TorchFunctionMode):
+    """While an attention processor runs: its ``scaled_dot_product_attention`` calls go through
+    ``swap(query, key, value)``, which returns new keys and values (or ``None``: leave the call)."""
+
+    def __init__(self, swap: Any) -> None:
+        super().__init__()
+        self.swap = swap
+        self.swapped = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not _SDPA or self.swapped:
+            return func(*args, **kwargs)
+        bound = {**dict(zip(_SDPA_ARGUMENTS, args)), **kwargs}
+        if bound.get("attn_mask") is not None or bound.get("is_causal"):
+            raise TypeError("PatchParallel: an attention mask (or causal attention) over the image tokens cannot be "
+                            "split into patches")
+        swapped = self.swap(bound["query"], bound["key"], bound["value"])
+        if swapped is None:
+            return func(*args, **kwargs)
+        self.swapped += 1
+        bound["key"], bound["value"] = swapped
+        return func(**bound)
 
 
 class DecoderHook(ModelHook):
@@ -193,18 +348,55 @@ class DecoderHook(ModelHook):
         return call.exchange.gather_concat(None, "output", image, lengths, dim=-2, fresh=True)
 
 
+def _share(call: PatchCall, count: int) -> int:
+    return max(1, math.ceil(call.neighbor_fraction * count - 1e-9))
+
+
 def _partial_context(call: PatchCall, hidden: torch.Tensor, rows: list[int], width: int) -> torch.Tensor:
     """Own tokens plus the nearest ``neighbor_fraction`` of each neighbour's rows (PCPP)."""
-    def share(count: int) -> int:
-        return max(1, math.ceil(call.neighbor_fraction * count - 1e-9))
-
     rank, last = call.rank, call.world_size - 1
     own = rows[rank]
     batch, _, channels = hidden.shape
-    to_above = hidden[:, : share(own) * width]
-    to_below = hidden[:, (own - share(own)) * width:]
-    above_rows = share(rows[rank - 1]) if rank > 0 else 0
-    below_rows = share(rows[rank + 1]) if rank < last else 0
+    to_above = hidden[:, : _share(call, own) * width]
+    to_below = hidden[:, (own - _share(call, own)) * width:]
+    above_rows = _share(call, rows[rank - 1]) if rank > 0 else 0
+    below_rows = _share(call, rows[rank + 1]) if rank < last else 0
     above, below = call.exchange.neighbours(
         "attention", to_above, to_below, (batch, above_rows * width, channels), (batch, below_rows * width, channels))
     return torch.cat([t for t in (above, hidden, below) if t is not None], dim=1)
+
+
+def _gathered_tokens(call: PatchCall, key: Any, kind: str, mine: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """Every process's tokens along ``dim`` (this one's fresh; on a stale step the others' from the
+    previous step), as pieces in the order of the full sequence: padded to the longest for the
+    exchange (gloo needs equal sizes) and trimmed after."""
+    lengths = [call.token_count(r) for r in range(call.world_size)]
+    if call.frames != 1:  # rows of every frame: not consecutive pieces, so join and reorder
+        return [call.in_grid_order(call.exchange.gather_concat(key, kind, mine, lengths, dim=dim), dim)]
+    most = max(lengths)
+    if most > mine.shape[dim]:
+        padding = list(mine.shape)
+        padding[dim] = most - mine.shape[dim]
+        mine = torch.cat([mine, mine.new_zeros(padding)], dim=dim)
+    parts = call.exchange.gather(key, kind, mine)
+    return [part.narrow(dim, 0, n) for part, n in zip(parts, lengths)]
+
+
+def _partial_tokens(call: PatchCall, mine: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """This patch's tokens (along ``dim``: frames x rows x columns) and the nearest
+    ``neighbor_fraction`` of each neighbour's rows in every frame (PCPP), exchanged with the
+    neighbours only: the pieces ``[above,] own[, below]``."""
+    rank, last, width, frames = call.rank, call.world_size - 1, call.token_width, call.frames
+    rows = [b - a for a, b in (call.token_rows(r) for r in range(call.world_size))]
+    grid = mine.unflatten(dim, (frames, rows[rank], width))
+    share = _share(call, rows[rank])
+    to_above = grid.narrow(dim + 1, 0, share).flatten(dim, dim + 2)
+    to_below = grid.narrow(dim + 1, rows[rank] - share, share).flatten(dim, dim + 2)
+
+    def shape(neighbour: int | None) -> tuple[int, ...]:
+        count = 0 if neighbour is None else frames * _share(call, rows[neighbour]) * width
+        return (*mine.shape[:dim], count, *mine.shape[dim + 1:])
+
+    above, below = call.exchange.neighbours("attention", to_above, to_below, shape(rank - 1 if rank > 0 else None),
+                                            shape(rank + 1 if rank < last else None))
+    return [t for t in (above, mine, below) if t is not None]

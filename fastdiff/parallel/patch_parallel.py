@@ -16,6 +16,10 @@ Modes:
 * ``"pcpp"`` — synchronous, but only with the two neighbouring processes: convolutions get their
   halo rows, self-attention sees its own patch plus the nearest ``neighbor_fraction`` of each
   neighbour's rows. Far fewer bytes than an all-gather.
+
+Transformers are split into token rows (in every frame, for video), as their anatomy's
+:class:`~fastdiff.anatomy.TokenLayout` describes: the tokens are cut after the patch embedding and
+joined before the output norm; text tokens and a rotary table's text rows stay with every process.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ..anatomy import Anatomy, anatomy_of
+from ..anatomy import Anatomy, TokenLayout, anatomy_of
 from ..core.method import Method
 from ..caching.tgate import guidance_batched
 from ..core.rules import denoiser_sample, main_tensor, map_batched, with_main_tensor
@@ -38,7 +42,9 @@ from .layers import (
     ConvHook,
     DecoderHook,
     GroupNormHook,
+    KeyValueHook,
     PatchCall,
+    RotarySliceHook,
     SelfAttentionHook,
     TokenGatherHook,
     TokenSliceHook,
@@ -82,6 +88,18 @@ def _replace_sample(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tup
     return args, {**kwargs, name: value}
 
 
+class Unsplittable(TypeError, ValueError):
+    """A denoiser whose image this method cannot split (its family has no token layout). A
+    ``ValueError`` too, so front ends that check a request before starting processes report it."""
+
+
+# how a guidance style that is not a batch keeps split_guidance from splitting, in words
+_NO_GUIDANCE_BATCH = {
+    "calls": "the {family} family's pipelines run classifier-free guidance as two denoiser calls per step, not a batch",
+    "embedded": "the {family} family is guidance-distilled (the scale is an input of the model): no unconditional batch",
+}
+
+
 def _row_unit(denoiser: torch.nn.Module) -> int:
     """The fewest latent rows a patch can have: a UNet's total downsampling, a transformer's patch size."""
     anatomy = anatomy_of(denoiser, "PatchParallel")
@@ -94,22 +112,32 @@ def _row_unit(denoiser: torch.nn.Module) -> int:
 def _splittable(denoiser: torch.nn.Module) -> Anatomy:
     """The anatomy of a denoiser whose rows this method can split, or a clear refusal."""
     anatomy = anatomy_of(denoiser, "PatchParallel")
-    tokens = anatomy.tokens
-    if anatomy.is_unet or (tokens is not None and tokens.embed_output == "tokens" and not tokens.packed
-                           and tokens.text != "joint" and tokens.rotary is None and not tokens.frames):
+    if anatomy.is_unet or anatomy.tokens is not None:
         return anatomy
-    raise TypeError(
-        f"PatchParallel splits UNets (SD 1.x/2.x, SDXL) and patch-embedding transformers with cross-attention or "
-        f"class conditioning (DiT, PixArt); {anatomy.denoiser} ({anatomy.family}) is not one of them"
+    raise Unsplittable(
+        f"PatchParallel: {anatomy.denoiser} ({anatomy.family}) cannot be split into patches: fastdiff.anatomy does "
+        f"not describe how its image tokens lie (no token layout for the {anatomy.family} family). PatchParallel "
+        "splits UNets (SD 1.x/2.x, SDXL) and the transformers of DiT, PixArt, SD3/SD3.5, Flux and Wan"
     )
+
+
+def _keys_from_processor(tokens: TokenLayout) -> bool:
+    """Whether the attention processors make the keys from this process's tokens themselves (text
+    joined in attention, rotary positions): then a patch sees the others at the attention call."""
+    return tokens.text == "joint" or tokens.rotary is not None
 
 
 def _latent_rows(pipe: Any, denoiser: torch.nn.Module, height: int | None) -> int:
     """Latent rows of a call at ``height`` pixels (the pipeline's default size without one)."""
-    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
-    takes_height = "height" in inspect.signature(type(pipe).__call__).parameters
-    if height is not None and takes_height:
-        return height // scale
+    scale = int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8)
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if "height" in parameters:
+        if height is None and isinstance(parameters["height"].default, int):
+            height = parameters["height"].default  # Wan: 480
+        if height is None and isinstance(getattr(pipe, "default_sample_size", None), int):
+            height = pipe.default_sample_size * scale  # SD3, Flux: from the transformer's config
+        if height is not None:
+            return height // scale
     size = getattr(denoiser.config, "sample_size", None)
     if isinstance(size, (tuple, list)):
         size = size[0]
@@ -118,8 +146,37 @@ def _latent_rows(pipe: Any, denoiser: torch.nn.Module, height: int | None) -> in
     return size
 
 
-def _layer_hooks(root: torch.nn.Module, current: Any, as_modules: bool = False) -> list[tuple[Any, Any]]:
-    """Patch-aware hooks for every k×k convolution, GroupNorm and self-attention under ``root``."""
+def _in_split_layout(anatomy: Anatomy, sample: torch.Tensor) -> bool:
+    """Whether the denoiser input is what this family's split expects: a latent of rows (4-d), a
+    video latent (5-d), or packed tokens (3-d)."""
+    tokens = anatomy.tokens
+    if tokens is None or not (tokens.packed or tokens.frames):
+        return sample.dim() == 4
+    return sample.dim() == (3 if tokens.packed else 5)
+
+
+def _token_grid(anatomy: Anatomy, sample: torch.Tensor, kwargs: dict) -> tuple[int, int, int]:
+    """``(token frames, latent rows, latent columns)`` of one denoiser call."""
+    tokens = anatomy.tokens
+    if tokens is None or not tokens.packed:
+        frames = sample.shape[-3] // tokens.patch[0] if tokens is not None and tokens.frames else 1
+        return frames, sample.shape[-2], sample.shape[-1]
+    ids = kwargs.get(tokens.positions)
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"PatchParallel: {anatomy.denoiser} was called on packed tokens without "
+                         f"`{tokens.positions}`, which says where each lies; cannot split its rows")
+    ids = ids.reshape(-1, ids.shape[-1])
+    rows, columns = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if rows * columns != sample.shape[1] or ids.shape[0] != sample.shape[1]:
+        raise ValueError(f"PatchParallel: the {sample.shape[1]} packed tokens of {anatomy.denoiser} are not one "
+                         f"{rows} x {columns} grid (reference-image tokens beside the image?); cannot split their rows")
+    return 1, rows * tokens.patch[-2], columns * tokens.patch[-1]
+
+
+def _layer_hooks(root: torch.nn.Module, current: Any, as_modules: bool = False,
+                 self_attention: bool = True) -> list[tuple[Any, Any]]:
+    """Patch-aware hooks for every k×k convolution, GroupNorm and (``self_attention``)
+    self-attention under ``root``."""
     from diffusers.models.attention_processor import Attention
 
     hooks: list[tuple[Any, Any]] = []
@@ -131,8 +188,25 @@ def _layer_hooks(root: torch.nn.Module, current: Any, as_modules: bool = False) 
             hooks.append((target, ConvHook(path, current)))
         elif isinstance(module, torch.nn.GroupNorm):
             hooks.append((target, GroupNormHook(path, current)))
-        elif isinstance(module, Attention) and not module.is_cross_attention:
+        elif self_attention and isinstance(module, Attention) and not module.is_cross_attention:
             hooks.append((target, SelfAttentionHook(path, current)))
+    return hooks
+
+
+def _token_hooks(anatomy: Anatomy, current: Any) -> list[tuple[Any, Any]]:
+    """A transformer's split: its tokens cut after the embedding and joined before the output
+    norm; its rotary table cut to this process's rows; its joint (and, where the processor makes
+    the keys, self-) attention given the other patches' keys and values."""
+    tokens = anatomy.tokens
+    hooks: list[tuple[Any, Any]] = [
+        (tokens.embed, TokenSliceHook(tokens.embed, current, grid=tokens.embed_output == "grid")),
+        (tokens.output_norm, TokenGatherHook(tokens.output_norm, current)),
+    ]
+    if tokens.rotary is not None:
+        hooks.append((tokens.rotary, RotarySliceHook(tokens.rotary, current, tokens.rotary_token_dim, tokens.text_first)))
+    if _keys_from_processor(tokens):
+        for path in (*anatomy.attention_paths("joint"), *anatomy.attention_paths("self")):
+            hooks.append((path, KeyValueHook(path, current, tokens.text_first)))
     return hooks
 
 
@@ -207,25 +281,46 @@ class PatchParallel(Method):
     def describe_split(self, pipe: Any, world_size: int, *, height: int | None = None,
                        guidance_scale: float | None = None) -> str:
         """How ``world_size`` processes will share a call of ``pipe`` at ``height`` (pixels), in words;
-        raises ``ValueError`` when they cannot (more patches than latent rows). Front ends call it
-        before starting processes or the first denoiser call, so the mistake costs nothing."""
+        raises ``ValueError`` when they cannot (more patches than latent rows, or a denoiser family
+        it cannot split). Front ends call it before starting processes or the first denoiser call,
+        so the mistake costs nothing."""
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if denoiser is None or world_size <= 1:
             return "one process: no split"
+        anatomy = _splittable(denoiser)
         rows = _latent_rows(pipe, denoiser, height)
+        unit = _row_unit(denoiser)
+        if anatomy.tokens is not None and anatomy.tokens.packed:
+            rows -= rows % unit  # the pipeline packs whole tokens (Flux rounds the height down)
         if guidance_scale is None:
             parameter = inspect.signature(type(pipe).__call__).parameters.get("guidance_scale")
             guidance_scale = parameter.default if parameter is not None else None
         guided = isinstance(guidance_scale, (int, float)) and guidance_scale > 1
-        halves = self.split_guidance and guided and world_size % 2 == 0
+        fallback = self._split_guidance_fallback(anatomy, world_size, guided)
+        halves = self.split_guidance and fallback is None
         patches = world_size // 2 if halves else world_size
         if patches > 1:
-            row_partition(rows, patches, _row_unit(denoiser))  # raises when the latent is too short
+            row_partition(rows, patches, unit, tokens=anatomy.tokens is not None)  # raises when the latent is too short
         if halves and patches == 1:
             return (f"guidance split: {world_size} processes take one classifier-free guidance half each, "
                     f"no row patches (mode {self.mode!r} has nothing to exchange)")
-        where = f"{patches} row patches of a {rows}-row latent ({self.mode})"
-        return f"guidance split into 2 halves, each in {where}" if halves else where
+        frames = ", the same rows of every frame" if anatomy.tokens is not None and anatomy.tokens.frames else ""
+        where = f"{patches} row patches of a {rows}-row latent{frames} ({self.mode})"
+        if halves:
+            return f"guidance split into 2 halves, each in {where}"
+        return where if fallback is None else f"{where}; split_guidance falls back to splitting patches only: {fallback}"
+
+    def _split_guidance_fallback(self, anatomy: Anatomy, processes: int, guided: bool) -> str | None:
+        """Why ``split_guidance`` cannot split these calls (``None``: it can, or was not asked)."""
+        if not self.split_guidance:
+            return None
+        if anatomy.guidance in _NO_GUIDANCE_BATCH:
+            return _NO_GUIDANCE_BATCH[anatomy.guidance].format(family=anatomy.family)
+        if processes < 2 or processes % 2:
+            return f"{processes} processes (needs an even number >= 2)"
+        if not guided:
+            return "this call has no classifier-free guidance batch"
+        return None
 
     # -- the Method contract ----------------------------------------------------------------
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
@@ -243,7 +338,7 @@ class PatchParallel(Method):
                 warnings.warn("PatchParallel: one process (not launched with torchrun/accelerate): nothing to split, "
                               "the pipeline runs as usual", stacklevel=3)
             return []
-        if self.split_guidance and self.group.world_size % 2 == 0:
+        if self.split_guidance and self.group.world_size % 2 == 0 and anatomy.guidance == "batch":
             gated = [m.name for m in runtime.methods if m.name == "tgate"]
             if gated:
                 raise ValueError(
@@ -260,11 +355,10 @@ class PatchParallel(Method):
             return None if runtime.measuring is not None else state(self).get("patch")
 
         hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
-        if anatomy.tokens is not None:
-            embed, norm = anatomy.tokens.embed, anatomy.tokens.output_norm
-            hooks.append((embed, TokenSliceHook(embed, current)))
-            hooks.append((norm, TokenGatherHook(norm, current)))
-        hooks += _layer_hooks(denoiser, current)
+        tokens = anatomy.tokens
+        if tokens is not None:
+            hooks += _token_hooks(anatomy, current)
+        hooks += _layer_hooks(denoiser, current, self_attention=tokens is None or not _keys_from_processor(tokens))
         return hooks
 
     def _decoder_hooks(self, runtime: Accelerator) -> list[tuple[Any, Any]]:
@@ -296,7 +390,8 @@ class PatchParallel(Method):
     def wrap_denoiser(self, runtime: Accelerator, forward: Any, args: tuple, kwargs: dict) -> Any:
         group = self.group
         sample = denoiser_sample(args, kwargs)
-        if group.world_size == 1 or sample is None or sample.dim() != 4:
+        anatomy = anatomy_of(runtime.denoiser, "PatchParallel")
+        if group.world_size == 1 or sample is None or not _in_split_layout(anatomy, sample):
             return forward(*args, **kwargs)
         state = runtime.call_state(self)
         steps = runtime.clock.num_steps or 0
@@ -342,8 +437,10 @@ class PatchParallel(Method):
         state = runtime.call_state(self)
         step, steps = runtime.clock.step, runtime.clock.num_steps or 0
         unit = _row_unit(runtime.denoiser)
-        transformer = not anatomy_of(runtime.denoiser, "PatchParallel").is_unet
-        partition = row_partition(sample.shape[-2], exchange.world_size, unit)
+        anatomy = anatomy_of(runtime.denoiser, "PatchParallel")
+        transformer = not anatomy.is_unet
+        frames, rows, width = _token_grid(anatomy, sample, kwargs)
+        partition = row_partition(rows, exchange.world_size, unit, tokens=transformer)
         exchange.context = f" (step {step})"
         exchange.stale = self.mode == "distrifusion" and step >= self.warmup_steps
         exchange.send_stale = step + 1 < steps
@@ -352,9 +449,9 @@ class PatchParallel(Method):
             patch_args, patch_kwargs = args, kwargs
         else:
             patch_args, patch_kwargs = _replace_sample(args, kwargs, sample[:, :, start:stop].contiguous())
-        state["patch"] = PatchCall(exchange.rank, exchange.world_size, partition, sample.shape[-1], exchange,
+        state["patch"] = PatchCall(exchange.rank, exchange.world_size, partition, width, exchange,
                                    self.mode, self.neighbor_fraction, prefix=runtime.clock.calls_in_step,
-                                   patch_size=unit if transformer else 1)
+                                   patch_size=unit if transformer else 1, frames=frames)
         try:
             output = forward(*patch_args, **patch_kwargs)
         finally:
@@ -371,10 +468,9 @@ class PatchParallel(Method):
     def _guidance_split(self, runtime: Accelerator, batch: int) -> _Halves | None:
         if not self.split_guidance:
             return None
-        reason = None
-        if self._halves is None:
-            reason = f"{self.group.world_size} processes (needs an even number >= 2)"
-        elif not guidance_batched(runtime) or batch % 2:
+        anatomy = anatomy_of(runtime.denoiser, "PatchParallel")
+        reason = self._split_guidance_fallback(anatomy, self.group.world_size, True)
+        if reason is None and (not guidance_batched(runtime) or batch % 2):
             reason = "this call has no classifier-free guidance batch"
         if reason is None:
             return self._halves
