@@ -3,9 +3,10 @@
 Every setting runs on the same pipeline object with the same prompt and seed, in shuffled order
 (one warm-up round, then ``--repeats`` timed rounds). Reported per setting: median wall time,
 speedup over vanilla, the denoiser FLOP ratio (vanilla's denoiser FLOPs over the setting's, all
-counted by one ``FlopCounterMode`` around the denoiser's calls, in a separate untimed run), the
+counted with ``FlopCounterMode``, see below), the
 share of transformer-block evaluations skipped (a block counts as evaluated when its first
-sub-layer runs), and PSNR against vanilla's image.
+sub-layer runs), and PSNR against vanilla's image. FLOPs are counted once, on a vanilla call:
+each setting's are vanilla's minus those of the block evaluations it skipped.
 
     python benchmarks/compare_first_block_cache.py --model sd3-arch --steps 10 --repeats 1
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Iterator
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,16 +36,14 @@ from fastdiff.runner import GenerationRequest, call_kwargs, example_prompt
 
 
 @contextmanager
-def block_evaluations(denoiser: torch.nn.Module) -> Iterator[list[int]]:
-    """Counts ``[evaluated, called]`` block calls: a reused or skipped block is called but never
-    runs its first sub-layer."""
-    counts = [0, 0]
+def block_evaluations(denoiser: torch.nn.Module) -> Iterator[Counter[str]]:
+    """Evaluations per block: a block reused or skipped by any cache is called (or not) but never
+    runs its first sub-layer, so that sub-layer's calls are the block's evaluations."""
+    counts: Counter[str] = Counter()
     handles = []
     for block in anatomy_of(denoiser).blocks:
-        module = denoiser.get_submodule(block.path)
-        first = next(module.children())
-        handles.append(module.register_forward_pre_hook(lambda *_: counts.__setitem__(1, counts[1] + 1)))
-        handles.append(first.register_forward_pre_hook(lambda *_: counts.__setitem__(0, counts[0] + 1)))
+        first = next(denoiser.get_submodule(block.path).children())
+        handles.append(first.register_forward_pre_hook(lambda *_, path=block.path: counts.update([path])))
     try:
         yield counts
     finally:
@@ -51,27 +51,29 @@ def block_evaluations(denoiser: torch.nn.Module) -> Iterator[list[int]]:
             handle.remove()
 
 
-@contextmanager
-def denoiser_flops(denoiser: torch.nn.Module) -> Iterator[list[int]]:
-    """FLOPs of everything the denoiser's calls run, whoever's hooks decide what that is."""
-    total = [0]
-    counter: list[FlopCounterMode] = []
-
-    def enter(*_: Any) -> None:
-        counter.append(FlopCounterMode(display=False, depth=0))
-        counter[-1].__enter__()
-
-    def leave(*_: Any) -> None:
-        mode = counter.pop()
-        mode.__exit__(None, None, None)
-        total[0] += mode.get_total_flops()
-
-    handles = [denoiser.register_forward_pre_hook(enter), denoiser.register_forward_hook(leave)]
+def vanilla_costs(denoiser: torch.nn.Module, call: Callable[[], Any]) -> tuple[int, dict[str, float], Counter[str]]:
+    """One vanilla call under ``FlopCounterMode``: the denoiser's FLOPs in all, each block's FLOPs
+    per evaluation, and each block's evaluations. A cached setting's FLOPs are then vanilla's minus
+    the FLOPs of the block evaluations it did not run (residual additions and the caches'
+    similarity checks are left out: they are a few element-wise operations per step)."""
+    counter = FlopCounterMode(display=False, depth=0)
+    per_block: dict[str, float] = {}
+    started: dict[str, int] = {}
+    handles = []
+    for block in anatomy_of(denoiser).blocks:
+        module = denoiser.get_submodule(block.path)
+        handles.append(module.register_forward_pre_hook(
+            lambda *_, path=block.path: started.__setitem__(path, counter.get_total_flops())))
+        handles.append(module.register_forward_hook(
+            lambda *_, path=block.path: per_block.__setitem__(
+                path, per_block.get(path, 0) + counter.get_total_flops() - started[path])))
     try:
-        yield total
+        with block_evaluations(denoiser) as evaluations, counter:
+            call()
     finally:
         for handle in handles:
             handle.remove()
+    return counter.get_total_flops(), {p: f / max(evaluations[p], 1) for p, f in per_block.items()}, evaluations
 
 
 def main() -> None:
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.1,0.3", help="FirstBlockCache thresholds")
     parser.add_argument("--intervals", default="2,3", help="fastdiff DeepCache intervals")
     parser.add_argument("--branch", type=int, default=1, help="fastdiff DeepCache: live blocks at each end")
+    parser.add_argument("--count-only", action="store_true", help="only the FLOP and block counts (no timing)")
     args = parser.parse_args()
 
     pipe = build_builtin(args.model)
@@ -96,13 +99,15 @@ def main() -> None:
     def call() -> np.ndarray:
         return np.asarray(pipeline_outputs(pipe(**call_kwargs(pipe, request), output_type="np")))
 
-    def timed(setup: Callable[[], Callable[[], None]]) -> Callable[[], tuple[float, np.ndarray]]:
-        def run() -> tuple[float, np.ndarray]:
+    def timed(setup: Callable[[], Callable[[], None]]) -> Callable[[], tuple[float, tuple[np.ndarray, Counter]]]:
+        def run() -> tuple[float, tuple[np.ndarray, Counter]]:
             undo = setup()
             try:
-                start = time.perf_counter()
-                images = call()
-                return time.perf_counter() - start, images
+                with block_evaluations(denoiser) as evaluations:
+                    start = time.perf_counter()
+                    images = call()
+                    elapsed = time.perf_counter() - start
+                return elapsed, (images, evaluations)
             finally:
                 undo()
         return run
@@ -139,30 +144,34 @@ def main() -> None:
     for n in (int(v) for v in args.intervals.split(",") if v):
         setups[f"fastdiff DeepCache interval={n},branch={args.branch}"] = deepcache(n)
 
-    counted: dict[str, tuple[int, float]] = {}
-    for name, setup in list(setups.items()):  # untimed: FLOPs and block evaluations
+    total, per_evaluation, vanilla_evaluations = vanilla_costs(denoiser, call)
+    print(f"vanilla: {total / 1e12:.3f} TFLOP in the denoiser, {sum(vanilla_evaluations.values())} block evaluations",
+          flush=True)
+    for name, setup in list(setups.items()):  # a peer that cannot run on this pipeline is listed with the reason
+        if name == "vanilla":
+            continue
         undo = setup()
         try:
-            with denoiser_flops(denoiser) as flops, block_evaluations(denoiser) as blocks:
-                call()
-        except Exception as exc:  # a peer that cannot run on this pipeline is listed with the reason
+            request_steps = request.steps
+            pipe(**{**call_kwargs(pipe, request), "num_inference_steps": min(2, request_steps)}, output_type="np")
+        except Exception as exc:
             print(f"cannot run {name} on {args.model}: {type(exc).__name__}: {exc}", flush=True)
             del setups[name]
-            continue
         finally:
             undo()
-        counted[name] = (flops[0], 1 - blocks[0] / max(blocks[1], 1))
-        print(f"counted {name}: {flops[0] / 1e12:.3f} TFLOP, {counted[name][1]:.1%} of block evaluations skipped",
-              flush=True)
-
-    times, images = shuffled_rounds({name: timed(setup) for name, setup in setups.items()}, args.repeats)
+    if args.count_only:
+        return
+    times, outputs = shuffled_rounds({name: timed(setup) for name, setup in setups.items()}, args.repeats)
     medians = print_medians(times)
+    reference = outputs["vanilla"][0]
     print("\n| setting | median (s) | speedup | denoiser FLOP ratio | block evaluations skipped | PSNR vs vanilla |")
     print("|---|---|---|---|---|---|")
     for name in setups:
-        flop_ratio = counted["vanilla"][0] / max(counted[name][0], 1)
-        print(f"| {name} | {medians[name]:.2f} | {medians['vanilla'] / medians[name]:.2f}x | {flop_ratio:.2f}x | "
-              f"{counted[name][1]:.1%} | {psnr(images['vanilla'], images[name]):.1f} dB |")
+        images, evaluations = outputs[name]
+        not_run = sum((vanilla_evaluations[p] - evaluations[p]) * per_evaluation[p] for p in vanilla_evaluations)
+        skipped = 1 - sum(evaluations.values()) / sum(vanilla_evaluations.values())
+        print(f"| {name} | {medians[name]:.2f} | {medians['vanilla'] / medians[name]:.2f}x | "
+              f"{total / (total - not_run):.2f}x | {skipped:.1%} | {psnr(reference, images):.1f} dB |")
 
 
 if __name__ == "__main__":

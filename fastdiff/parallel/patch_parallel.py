@@ -363,9 +363,10 @@ class PatchParallel(Method):
 
     def _decoder_hooks(self, runtime: Accelerator) -> list[tuple[Any, Any]]:
         """The VAE decode split into row patches too: at 512 px and up it is a large share of a call."""
-        vae = getattr(runtime.pipe, "vae", None)
-        decoder = getattr(vae, "decoder", None)
-        if not isinstance(decoder, torch.nn.Module) or not hasattr(decoder, "up_blocks"):
+        from diffusers.models.autoencoders.vae import Decoder
+
+        decoder = getattr(getattr(runtime.pipe, "vae", None), "decoder", None)
+        if not isinstance(decoder, Decoder):  # AutoencoderKL's 2D decoder; others decode whole
             return []
         state, group = runtime.call_state, self.group
 
