@@ -66,6 +66,9 @@ CASES = [
     (["generate", "--method", "warp:speed=9"], "--method"),
     (["generate", "--method", "deepcache:interval=0"], "--method"),
     (["generate", "--method", "deepcache:interval"], "--method"),
+    (["generate", "--method", "deepcache:forecast=ab9"], "forecast"),
+    (["generate", "--method", "earlyexit:forecast=ab2"], "forecast"),
+    (["generate", "--model", "tiny-sd", "--steps", "4", "--method", "encoder:key_steps=0/1,forecast=ab3"], "forecast"),
     (["generate", "--method", "blockcache:calibration=missing.json"], "--method"),
     (["generate", "--method", "blockcache:calibration={in}/not-json.json"], "--method"),
     (["generate", "--method", "blockcache:calibration={in}"], "--method"),
@@ -220,6 +223,24 @@ def test_interrupted_launch_leaves_no_process_behind():
             run_processes(2, _sleep)
     finally:
         timer.cancel()
+    time.sleep(0.5)
+    assert not (_children() - before)
+
+
+def _killed_or_sleep(rank: int) -> None:
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    time.sleep(120)
+
+
+def test_a_process_killed_from_outside_is_reported_and_the_others_stopped():
+    from fastdiff.parallel.launch import run_processes
+
+    before = _children()
+    started = time.perf_counter()
+    outcomes = run_processes(2, _killed_or_sleep)
+    assert outcomes == [("killed", "SIGKILL"), ("lost", None)]
+    assert time.perf_counter() - started < 60
     time.sleep(0.5)
     assert not (_children() - before)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..core.forecast import forecast_order
 from ..core.method import Method
 from ..core.plan import Decision, Plan
 from ..anatomy import BlockIO, anatomy_of
@@ -241,6 +242,8 @@ class BlockCache(Method):
         budget_by: what ``budget`` counts: ``"evaluations"`` or block ``"flops"``.
         calibration: a :class:`BlockCacheCalibration` or the path of one saved as JSON; without
             one, :meth:`calibrate` (or the CLI, which calls :meth:`prepare`) measures it.
+        forecast: how a reused output is given back: ``"hold"`` (as last computed), ``"ab2"`` or
+            ``"ab3"`` (extrapolated to the step's noise level from the last 2 or 3 computed ones).
     """
 
     spec_name = "blockcache"
@@ -252,8 +255,11 @@ class BlockCache(Method):
     align: bool = False
     budget_by: str = "evaluations"
     calibration: BlockCacheCalibration | str | None = field(default=None, repr=False)
+    forecast: str = "hold"
 
     def __post_init__(self) -> None:
+        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
+        forecast_order(self.forecast, "BlockCache")
         if self.threshold is not None and self.budget is not None:
             raise ValueError("BlockCache: give threshold or budget, not both")
         if self.threshold is not None and not self.threshold > 0:
@@ -342,9 +348,11 @@ class BlockCache(Method):
             return self
         from .block_calibration import calibrate
 
-        return calibrate(pipe, prompts, steps=steps, threshold=self.threshold, budget=self.budget,
-                         granularity=self.granularity, cache=self.cache, align=self.align,
-                         budget_by=self.budget_by, **call_kwargs)
+        ready = calibrate(pipe, prompts, steps=steps, threshold=self.threshold, budget=self.budget,
+                          granularity=self.granularity, cache=self.cache, align=self.align,
+                          budget_by=self.budget_by, **call_kwargs)
+        ready.forecast = self.forecast
+        return ready
 
     @classmethod
     def calibrate(cls, pipe: DiffusionPipeline, prompts: Sequence[str], steps: int = 50, threshold: float | None = None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..anatomy import Anatomy, anatomy_of
+from ..core.forecast import forecast_order
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule
@@ -60,6 +61,8 @@ class DeepCache(Method):
             full steps, packed around ``center``, where features change fastest).
         center: the step the non-uniform schedule clusters around (default 30 % of the steps).
         power: how strongly the non-uniform schedule clusters (> 1).
+        forecast: how a reused output is given back: ``"hold"`` (as last computed), ``"ab2"`` or
+            ``"ab3"`` (extrapolated to the step's noise level from the last 2 or 3 computed ones).
     """
 
     spec_name = "deepcache"
@@ -70,8 +73,11 @@ class DeepCache(Method):
     mode: str = "uniform"
     center: int | None = None
     power: float = 1.4
+    forecast: str = "hold"
 
     def __post_init__(self) -> None:
+        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
+        forecast_order(self.forecast, "DeepCache")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"DeepCache: interval must be an integer >= 1, got {self.interval!r}")
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..anatomy import anatomy_of
+from ..core.forecast import Stacked, forecast_order
 from ..core.method import Method
 from ..core.plan import Decision
-from ..core.rules import ReuseRule, batch_multiple, denoiser_sample, first_input, map_batched, tile_batch
+from ..core.rules import ReuseRule, batch_multiple, cat_batch, denoiser_sample, first_input, map_batched, tile_batch
 
 if TYPE_CHECKING:
     from ..core.accelerator import Accelerator
@@ -71,8 +72,11 @@ class EncoderRule(ReuseRule):
     """Gives the kept encoder output back, tiled when a batched-decoder call stacks several steps.
 
     Features kept for another per-step batch (another method halved the guidance batch since
-    the key step) do not fit and are computed afresh.
+    the key step) do not fit and are computed afresh. Forecast features come one per stacked
+    step and are joined in step order.
     """
+
+    serves_stacked = True
 
     def __init__(self, live: _EncoderLive) -> None:
         self.live = live
@@ -91,10 +95,15 @@ class EncoderRule(ReuseRule):
         kept_batch = next((shape[0] for _, shape, _, _ in kept_signature or () if shape), None)
         if self.live.step_batch and kept_batch != self.live.step_batch:
             return None
+        stacked = kept.parts if isinstance(kept, Stacked) else None
         if signature == kept_signature:
-            return kept
+            return kept if stacked is None else None
         times = batch_multiple(signature, kept_signature or ())
-        return None if times is None else tile_batch(kept, times)
+        if times is None:
+            return None
+        if stacked is not None:
+            return cat_batch(stacked) if len(stacked) == times else None
+        return tile_batch(kept, times)
 
 
 @dataclass
@@ -108,6 +117,8 @@ class EncoderPropagation(Method):
         max_batch_steps: at most this many steps per batched decoder call (bounds memory).
         noise_injection: add ``injection_strength`` × the initial noise to the latent after every
             step whose next timestep is below ``injection_below`` × the training timesteps.
+        forecast: how a reused output is given back: ``"hold"`` (as last computed), ``"ab2"`` or
+            ``"ab3"`` (extrapolated to the step's noise level from the last 2 or 3 computed ones).
     """
 
     spec_name = "encoder"
@@ -119,9 +130,12 @@ class EncoderPropagation(Method):
     noise_injection: bool = False
     injection_strength: float = 0.003
     injection_below: float = 0.5
+    forecast: str = "hold"
     _live: _EncoderLive = field(default_factory=_EncoderLive, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
+        forecast_order(self.forecast, "EncoderPropagation")
         self.key_steps = parse_key_steps(self.key_steps)
         if self.interval is not None:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -207,7 +221,11 @@ class EncoderPropagation(Method):
         if batched is None:
             return forward(*args, **kwargs)
         b_args, b_kwargs, batch = batched
-        output = forward(*b_args, **b_kwargs)
+        runtime.stacked_steps = tuple(range(step, step + run))
+        try:
+            output = forward(*b_args, **b_kwargs)
+        finally:
+            runtime.stacked_steps = None
         chunks = _split_output(output, batch, run)
         sample_shape = tuple(sample.shape)
         for i in range(1, run):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..anatomy import anatomy_of
+from ..core.forecast import forecast_order
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, denoiser_sample, first_input, main_tensor, map_batched, tile_batch, with_main_tensor
@@ -98,9 +99,10 @@ class GateRule(ReuseRule):
     call, or the outputs of the step's two separate calls. The mean is formed at the first reuse,
     once the pipeline's guidance layout is known (it is only certain after step 0's calls)."""
 
-    def __init__(self, live: _GateLive, gate_step: int) -> None:
+    def __init__(self, live: _GateLive, gate_step: int, forecasts: bool = True) -> None:
         self.live = live
         self.gate_step = gate_step
+        self.forecasts = forecasts
         self.at_gate: dict[int, Any] = {}  # per denoiser call of the step before the gate
         self.mean: Any = None
 
@@ -175,6 +177,12 @@ class TGate(Method):
             on SDXL the pooled text embedding differs. Pipelines that run guidance as two
             separate denoiser calls (Wan) make the conditional call first, and only the first
             call of a step runs after the gate: ``"uncond"`` is refused there.
+        forecast: how a reused output is given back: ``"hold"`` (as last computed), ``"ab2"`` or
+            ``"ab3"`` (extrapolated to the step's noise level from the last 2 or 3 computed ones).
+            It applies to self-attention reused between its recomputations; the cross-attention
+            kept at the gate (the mean of the guidance branches) is held for the rest of the call,
+            as T-GATE means it: extrapolating it over every remaining step would run far from its
+            points.
     """
 
     spec_name = "tgate"
@@ -186,9 +194,12 @@ class TGate(Method):
     fi_interval: int = 1
     warm_up: int = 2
     keep_half: str = "cond"
+    forecast: str = "hold"
     _live: _GateLive = field(default_factory=_GateLive, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
+        forecast_order(self.forecast, "TGate")
         for name in ("gate_step", "sp_interval", "fi_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -213,7 +224,7 @@ class TGate(Method):
         return {**{p: self_row for p in self_attn}, **{p: cross_row for p in cross_attn}}
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule:
-        return GateRule(self._live, self.gate_step)
+        return GateRule(self._live, self.gate_step, forecasts=path not in attention_paths(denoiser)[1])
 
     def step_barriers(self, num_steps: int) -> set[int]:
         # the mean is kept at gate_step - 1 and guidance is dropped from gate_step on

@@ -19,12 +19,13 @@ from diffusers.hooks import ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clock import StepClock, steps_announced
+from .forecast import FORECASTS
 from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, InstalledHook, ReuseHook, install_hook, uninstall_hook
 from .ledger import Ledger, ModuleEvent, Report
 from .method import Method
 from .plan import Decision, Plan
 from .rules import input_signature
-from .timeline import announced_levels, planned_levels
+from .timeline import announced_levels, linear_levels, planned_levels
 
 DENOISER_NAMES = ("unet", "transformer")
 ATTRIBUTE = "acceleration"
@@ -100,6 +101,11 @@ class Accelerator:
         # the life of the handle (a vanilla call's cost depends on nothing but its input shapes)
         self._vanilla: dict[tuple, int] = {}
         self._answered = False  # the denoiser call in progress is answered without running it
+        # the noise level of each step of the call in progress: the time forecasts extrapolate in
+        self._levels: tuple[float, ...] = ()
+        # the steps the denoiser call in progress computes at once (a method that stacks several
+        # steps into one batch says so); None: just the clock's step
+        self.stacked_steps: tuple[int, ...] | None = None
 
     # -- plan -----------------------------------------------------------------------------
     def plan_for(self, num_steps: int, noise_levels: Sequence[float] | None = None) -> Plan:
@@ -113,8 +119,10 @@ class Accelerator:
                 noise_levels = planned_levels(getattr(self.pipe, "scheduler", None), num_steps)
             key = (num_steps, tuple(noise_levels))
         if key not in self._plans:
-            self._plans[key] = Plan.merge(num_steps, ((m.name, self._rows(m, num_steps, noise_levels))
-                                                      for m in self.methods))
+            plan = Plan.merge(num_steps, ((m.name, self._rows(m, num_steps, noise_levels)) for m in self.methods))
+            for method in self.methods:
+                check_forecast(method, plan)
+            self._plans[key] = plan
         return self._plans[key]
 
     def _rows(self, method: Method, num_steps: int, noise_levels: Sequence[float] | None) -> Any:
@@ -167,7 +175,9 @@ class Accelerator:
                     module = modules[target] if isinstance(target, str) else target
                     self._register(module, hook, f"fastdiff.{method.spec_name or method.name}")
             for path, owner in owners.items():
-                hook = ReuseHook(self, path, owner.name, owner.reuse_rule(self.denoiser, path))
+                rule = owner.reuse_rule(self.denoiser, path)
+                order = owner.forecast_order if rule is None or rule.forecasts else 1
+                hook = ReuseHook(self, path, owner.name, rule, order)
                 self._register(modules[path], hook, REUSE_HOOK)
                 self._reuse_hooks.append(hook)
             self.pipe.__dict__[ATTRIBUTE] = self
@@ -233,6 +243,18 @@ class Accelerator:
             clock.num_steps = steps
             levels = announced_levels(scheduler, steps) if self._timed else None
             self._plan = self._last_plan = self.plan_for(steps, levels)
+            self._levels = levels or announced_levels(scheduler, steps) or linear_levels(steps)
+
+    def step_time(self, step: int) -> float:
+        """The noise level of ``step`` in the call in progress (1 = pure noise), the time reused
+        outputs are forecast in; past the announced steps, the last spacing continued."""
+        levels = self._levels
+        if not levels:
+            return float(-step)
+        if step < len(levels):
+            return float(levels[step])
+        spacing = levels[-1] - levels[-2] if len(levels) > 1 else -1.0
+        return float(levels[-1] + spacing * (step - len(levels) + 1))
 
     def run_denoiser(self, forward: Any, args: tuple, kwargs: dict) -> Any:
         """One denoiser call, through every method that acts at the denoiser boundary."""
@@ -383,6 +405,33 @@ def claimed_modules(denoiser_name: str, denoiser: torch.nn.Module, methods: Sequ
                 )
             owners[path] = method
     return owners
+
+
+def check_forecast(method: Method, plan: Plan) -> None:
+    """A forecast needs as many computed outputs before some reuse as it has points; a plan that
+    never gets there would silently forecast with fewer, so it is refused."""
+    order = method.forecast_order
+    if order <= 1:
+        return
+    available = 0
+    reuses = False
+    for module, row in plan.rows.items():
+        if plan.owners.get(module) != method.name:
+            continue
+        computed = 0
+        for decision in row:
+            if decision is Decision.COMPUTE:
+                computed += 1
+            elif decision is Decision.REUSE:
+                reuses = True
+                available = max(available, computed)
+    if reuses and available < order:
+        lower = [name for name, points in FORECASTS.items() if points <= max(available, 1)]
+        raise ValueError(
+            f"{type(method).__name__}: forecast={method.forecast!r} extrapolates from {order} computed outputs, "
+            f"but in a {plan.num_steps}-step call the plan computes at most {available} before a reuse; "
+            f"allowed here: {lower}"
+        )
 
 
 def check_composition(pipe: DiffusionPipeline, methods: Sequence[Method]) -> None:

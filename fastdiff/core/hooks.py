@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .forecast import Stacked, forecast
 from .plan import Decision
 from .rules import DEFAULT_RULE, ReuseRule, input_signature
 
@@ -99,23 +100,28 @@ class DenoiserClockHook(ModelHook):
 class ReuseHook(ModelHook):
     """Executes the plan for one module: compute (and keep), give the kept output back, or pass through.
 
-    Only the latest kept output is held (one per denoiser call of a step), with the signature of
-    the inputs that produced it. What is kept and how it is given back is the method's
-    :class:`~fastdiff.core.rules.ReuseRule`; by default a REUSE whose inputs changed shape (another
-    batch size or resolution) computes instead.
+    The latest kept output is held (one per denoiser call of a step), with the signature of
+    the inputs that produced it; a forecasting method (``order`` > 1) holds its last ``order``
+    and gives back their extrapolation to the current step's time. What is kept and how it is
+    given back is the method's :class:`~fastdiff.core.rules.ReuseRule`; by default a REUSE whose
+    inputs changed shape (another batch size or resolution) computes instead.
     """
 
     _is_stateful = True
 
-    def __init__(self, runtime: Accelerator, path: str, method: str, rule: ReuseRule | None = None) -> None:
+    def __init__(self, runtime: Accelerator, path: str, method: str, rule: ReuseRule | None = None,
+                 order: int = 1) -> None:
         super().__init__()
         self.runtime = runtime
         self.path = path
         self.method = method
         self.rule = rule or DEFAULT_RULE
+        self.order = order
         # the latest kept output per denoiser call of a step (its ordinal): pipelines that run
         # guidance as separate calls (Wan, Flux's true CFG) must not be given each other's
         self.kept: dict[int, tuple[Any, tuple, int | None, int]] = {}  # value, signature, FLOPs, bytes
+        # with forecasting: the earlier kept outputs too, (time, value, signature, bytes), newest first
+        self.history: dict[int, list[tuple[float, Any, tuple, int]]] = {}
         self.cached_flops: int | None = None  # of the kept output last given back
         # what this module costs when the whole denoiser runs vanilla, by the denoiser call's input
         # signature: what a SKIP saves (a skipped module's own inputs may not be what it would have seen)
@@ -123,6 +129,8 @@ class ReuseHook(ModelHook):
 
     @property
     def cached_bytes(self) -> int:
+        if self.order > 1:
+            return sum(point[3] for points in self.history.values() for point in points)
         return sum(entry[3] for entry in self.kept.values())
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -131,6 +139,7 @@ class ReuseHook(ModelHook):
 
     def clear(self) -> None:
         self.kept.clear()
+        self.history.clear()
         self.cached_flops = None
         self.rule.reset()
 
@@ -155,7 +164,8 @@ class ReuseHook(ModelHook):
         ordinal = runtime.clock.calls_in_step
         entry = self.kept.get(ordinal) if decision is Decision.REUSE else None
         if entry is not None:
-            output = self.rule.restore(entry[0], args, kwargs, step, signature, entry[1])
+            value = entry[0] if self.order == 1 else self._forecast(ordinal, entry, step)
+            output = self.rule.restore(value, args, kwargs, step, signature, entry[1])
             self.cached_flops = entry[2]
         if output is not None:
             decision = Decision.REUSE
@@ -174,5 +184,23 @@ class ReuseHook(ModelHook):
                 kept = self.rule.keep(args, kwargs, output, step)
                 if keeps:
                     self.kept[ordinal] = (kept, signature, flops, tensor_bytes(kept))
+                    if self.order > 1:
+                        self._remember(ordinal, step, kept, signature)
         runtime.module_finished(self, decision, time.perf_counter() - start, flops, saved)
         return output
+
+    def _remember(self, ordinal: int, step: int, kept: Any, signature: tuple) -> None:
+        points = self.history.setdefault(ordinal, [])
+        points.insert(0, (self.runtime.step_time(step), kept, signature, tensor_bytes(kept)))
+        del points[self.order:]
+
+    def _forecast(self, ordinal: int, entry: tuple, step: int) -> Any:
+        """The kept output extrapolated to this step's time from the points kept for the same
+        inputs; one per step when the call computes several steps at once."""
+        points = [(t, v) for t, v, sig, _ in self.history.get(ordinal, ()) if sig == entry[1]]
+        if len(points) < 2:
+            return entry[0]
+        steps = self.runtime.stacked_steps
+        if steps and len(steps) > 1 and getattr(self.rule, "serves_stacked", False):
+            return Stacked([forecast(points, self.runtime.step_time(s), self.order) for s in steps])
+        return forecast(points, self.runtime.step_time(step), self.order)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .forecast import REUSING_METHODS, forecast_order
 from .plan import Decision
 from .rules import ReuseRule
 
@@ -63,6 +64,12 @@ class Method:
         """The decisions when they depend on how noisy each step is (timestep over the training
         timesteps, 1 = pure noise; one entry per step). Override instead of :meth:`schedule`."""
         return self.schedule(denoiser, len(noise_levels))
+
+    @property
+    def forecast_order(self) -> int:
+        """How many computed outputs a reused output is extrapolated from (1: held as it is); set by
+        the ``forecast`` parameter of the methods that reuse."""
+        return forecast_order(getattr(self, "forecast", "hold"), type(self).__name__)
 
     def reuse_rule(self, denoiser: torch.nn.Module, path: str) -> ReuseRule | None:
         """How ``path``'s output is kept and given back (``None``: as computed, same shapes only)."""
@@ -155,6 +162,11 @@ def parse_method(spec: str) -> Method:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--method {spec!r}: expected key=value, got {item!r}")
+        if key == "forecast" and key not in fields:
+            raise ValueError(
+                f"--method {spec!r}: {name} does not reuse outputs, so there is nothing to forecast; "
+                f"forecast is a parameter of {list(REUSING_METHODS)}"
+            )
         if key not in fields:
             raise ValueError(f"--method {spec!r}: {name} has no parameter {key!r}; allowed: {sorted(fields)}")
         kwargs[key] = _coerce(value.strip(), fields[key], f"--method {spec!r}, {key}")

@@ -104,10 +104,28 @@ def tile_batch(value: Any, times: int) -> Any:
     return value
 
 
+def cat_batch(parts: list[Any]) -> Any:
+    """Equally structured outputs joined along the batch (leading) dimension, in order."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else first
+    if isinstance(first, (tuple, list)):
+        items = [cat_batch([p[i] for p in parts]) for i in range(len(first))]
+        return type(first)(items) if isinstance(first, list) or type(first) is tuple else type(first)(*items)
+    if isinstance(first, dict):
+        return {k: cat_batch([p[k] for p in parts]) for k in first}
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(
+            first, **{f.name: cat_batch([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+    return first
+
+
 class ReuseRule:
     """Keep the output as computed; give it back only to inputs of the same shapes."""
 
     observes = False  # True: ``keep`` is called at every computed step, even when nothing is reused
+    forecasts = True  # False: what is given back is held even when the method forecasts
+    serves_stacked = False  # True: ``restore`` accepts a Stacked forecast for a call that computes several steps
 
     def keep(self, args: tuple, kwargs: dict, output: Any, step: int) -> Any:
         return output

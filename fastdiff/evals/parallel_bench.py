@@ -22,7 +22,7 @@ import torch
 from ..core.accelerator import apply
 from ..core.method import parse_method
 from ..core.progress import plural, progress_bar
-from ..parallel.group import check_processes_fit, launched_device, resident_memory_bytes
+from ..parallel.group import check_processes_fit, launched_device, peak_memory_bytes, resident_memory_bytes
 from ..parallel.patch_parallel import PatchParallel
 from ..media import pipeline_outputs
 from ..runner import GenerationRequest, call_kwargs, load
@@ -142,6 +142,10 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
         bar.update(1)
         del pipe
         gc.collect()  # its memory goes back before the processes load their own copies
+        # a process needs what a whole call needed here (the weights and the call's peak), not
+        # only what loading took: checked again now that the call has shown its peak
+        check_processes_fit(processes, device, threads=threads, process_bytes=peak_memory_bytes(),
+                            basis="the peak of the one-process call just run")
         single = ParallelRun("one process" + (f" ({', '.join(single_specs)})" if single_specs else ""), single_specs, 1,
                              times, statistics.median(times), split="one process: no split")
         runs = [single]
@@ -151,6 +155,11 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
                                      threads=threads)
             bar.update(1)
             for rank, (status, value) in enumerate(outcomes):
+                if status == "killed":
+                    raise ChildProcessError(
+                        f"--parallel: process {rank} of setting {label!r} was killed ({value})"
+                        + ("; SIGKILL is what the system sends when it runs out of memory: use fewer processes "
+                           "or a smaller --height/--width" if value == "SIGKILL" else ""))
                 if status != "ok":
                     raise RuntimeError(f"--parallel: process {rank} of setting {label!r} failed: {value}")
             run_times, image, per_step, comm = outcomes[0][1]

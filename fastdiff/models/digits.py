@@ -194,22 +194,26 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- pipeline
 
 
-def _text_encoder() -> CLIPTextModel:
-    tokenizer = clip_tokenizer()
-    config = CLIPTextConfig(
+def small_clip_config(hidden_size: int, projection_dim: int, max_tokens: int = 77) -> CLIPTextConfig:
+    """A two-layer CLIP text tower over the byte-level vocabulary: all eleven digit prompts need."""
+    tokenizer = clip_tokenizer(max_tokens)
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=DIGITS_TEXT_HIDDEN_SIZE,
-        intermediate_size=2 * DIGITS_TEXT_HIDDEN_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=DIGITS_TEXT_HIDDEN_SIZE,
+        max_position_embeddings=max_tokens,
+        projection_dim=projection_dim,
         hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+
+
+def _text_encoder() -> CLIPTextModel:
+    return CLIPTextModel(small_clip_config(DIGITS_TEXT_HIDDEN_SIZE, DIGITS_TEXT_HIDDEN_SIZE))
 
 
 def build_digits_pipeline(seed: int = 0) -> StableDiffusionPipeline:

@@ -1,6 +1,7 @@
 """Train and evaluate the `digits` reference models (see `fastdiff.models.digits`).
 
     python -m fastdiff.models.train digits   --out fastdiff/models/weights/digits --seed 0
+    python -m fastdiff.models.train digits-sd3 --out fastdiff/models/weights/digits-sd3 --seed 0
     python -m fastdiff.models.train features --out fastdiff/models/weights/digits_features.safetensors --seed 0
     python -m fastdiff.models.train evaluate --n 1000
 
@@ -54,6 +55,7 @@ __all__ = [
 Log = Callable[[str], None]
 
 DEFAULT_DIGITS_STEPS = 3000
+DEFAULT_DIGITS_SD3_STEPS = 3000
 DEFAULT_VAE_STEPS = 1000
 DEFAULT_FEATURE_STEPS = 1500
 PROMPT_DROPOUT = 0.1
@@ -150,16 +152,10 @@ def _train_denoiser(
     """
     unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
     device = unet.device
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
-    ema = EMAModel(parameters, decay=0.9995, use_ema_warmup=True, power=3 / 4)
     prompts = _training_prompts()
     empty = len(prompts) - 1
-    unet.train()
-    text_encoder.train()
-    started = time.perf_counter()
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         # Randomness is drawn on the CPU so a seed means the same run on any device.
         index = _batch_indices(len(latents), batch_size, generator)
         clean, prompt_ids = latents[index], labels[index].clone()
@@ -169,7 +165,24 @@ def _train_denoiser(
         clean, noise, timesteps, prompt_ids = (t.to(device) for t in (clean, noise, timesteps, prompt_ids))
         embeds, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
         prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, embeds[prompt_ids]).sample
-        loss = F.mse_loss(prediction, noise)
+        return F.mse_loss(prediction, noise)
+
+    _fit([unet, text_encoder], batch_loss, steps=steps, lr=lr, label="unet", log=log)
+
+
+def _fit(modules: Sequence[torch.nn.Module], batch_loss: Callable[[], torch.Tensor], *, steps: int, lr: float,
+         label: str, log: Log) -> None:
+    """AdamW with warm-up and cosine decay, gradient clipping and EMA weights (copied in at the
+    end) over all parameters of ``modules``; one ``batch_loss()`` per step."""
+    parameters = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(200, steps // 10), steps)
+    ema = EMAModel(parameters, decay=0.9995, use_ema_warmup=True, power=3 / 4)
+    for module in modules:
+        module.train().requires_grad_(True)
+    started = time.perf_counter()
+    for step in range(steps):
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -177,10 +190,10 @@ def _train_denoiser(
         schedule.step()
         ema.step(parameters)
         if step % 100 == 0 or step == steps - 1:
-            log(f"unet step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+            log(f"{label} step {step}: loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
     ema.copy_to(parameters)
-    unet.eval()
-    text_encoder.eval()
+    for module in modules:
+        module.eval()
 
 
 def train_digits(
@@ -210,6 +223,78 @@ def train_digits(
     )
     log(f"training done in {time.perf_counter() - started:.0f} s")
     pipe.set_progress_bar_config(disable=True)
+    if out is not None:
+        pipe.save_pretrained(str(out))
+    return pipe
+
+
+# --------------------------------------------------------------------------- the SD3 (MMDiT) digits model
+
+
+def _train_flow_transformer(
+    pipe: Any,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    log: Log,
+) -> None:
+    """Rectified-flow training of the transformer and both text encoders, with EMA weights.
+
+    As SD3 was trained: the noisy latent is ``(1 - s)·x + s·noise`` at a noise level ``s`` drawn
+    logit-normal (most samples at middling noise, where the velocity is hardest to predict),
+    the transformer sees ``1000·s`` as its timestep and predicts the velocity ``noise - x``.
+    """
+    transformer = pipe.transformer
+    device = transformer.device
+    prompts = _training_prompts()
+    empty = len(prompts) - 1
+    train_steps = pipe.scheduler.config.num_train_timesteps
+
+    def batch_loss() -> torch.Tensor:
+        index = _batch_indices(len(latents), batch_size, generator)
+        clean, prompt_ids = latents[index], labels[index].clone()
+        prompt_ids[torch.rand(batch_size, generator=generator) < PROMPT_DROPOUT] = empty
+        noise = torch.randn(clean.shape, generator=generator)
+        sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        clean, noise, sigmas, prompt_ids = (t.to(device) for t in (clean, noise, sigmas, prompt_ids))
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        s = sigmas.view(-1, 1, 1, 1)
+        prediction = transformer(hidden_states=(1 - s) * clean + s * noise, encoder_hidden_states=embeds[prompt_ids],
+                                 pooled_projections=pooled[prompt_ids], timestep=sigmas * train_steps).sample
+        return F.mse_loss(prediction, noise - clean)
+
+    _fit([transformer, pipe.text_encoder, pipe.text_encoder_2], batch_loss, steps=steps, lr=lr, label="transformer",
+         log=log)
+    for module in (transformer, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False)
+
+
+def train_digits_sd3(
+    out: str | Path | None = None,
+    *,
+    seed: int = 0,
+    steps: int = DEFAULT_DIGITS_SD3_STEPS,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    log: Log = _quiet,
+) -> Any:
+    """Train the digits-sd3 pipeline on the training split (on the frozen digits VAE's latents);
+    save it to ``out`` (if given)."""
+    from .digits_mmdit import build_digits_sd3_pipeline
+
+    generator = torch.Generator().manual_seed(seed)
+    train_images, train_labels, _, _ = digits_split(seed=0)
+    pipe = build_digits_sd3_pipeline(seed)
+    latents = _encode_latents(pipe.vae, train_images)
+    started = time.perf_counter()
+    _train_flow_transformer(pipe, latents, train_labels, steps=steps, batch_size=batch_size, lr=lr,
+                            generator=generator, log=log)
+    log(f"training done in {time.perf_counter() - started:.0f} s")
     if out is not None:
         pipe.save_pretrained(str(out))
     return pipe
@@ -352,6 +437,12 @@ def _parser() -> argparse.ArgumentParser:
     digits.add_argument("--seed", type=int, default=0)
     digits.add_argument("--steps", type=int, default=DEFAULT_DIGITS_STEPS, help="UNet training steps")
     digits.add_argument("--vae-steps", type=int, default=DEFAULT_VAE_STEPS)
+    sd3 = commands.add_parser("digits-sd3", help="train the digits SD3 (MMDiT, flow matching) pipeline")
+    sd3.add_argument("--out", type=Path, default=None, help="default: the package's weights/digits-sd3")
+    sd3.add_argument("--seed", type=int, default=0)
+    sd3.add_argument("--steps", type=int, default=DEFAULT_DIGITS_SD3_STEPS, help="transformer training steps")
+    sd3.add_argument("--batch-size", type=int, default=128)
+    sd3.add_argument("--lr", type=float, default=1e-3)
     features = commands.add_parser("features", help="train the FID-digits feature network")
     features.add_argument("--out", type=Path, default=DIGITS_FEATURES_FILE)
     features.add_argument("--seed", type=int, default=0)
@@ -376,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     if args.command == "digits":
         train_digits(args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, log=_log)
+    elif args.command == "digits-sd3":
+        from .digits_mmdit import DIGITS_SD3_PIPELINE_DIR
+
+        train_digits_sd3(args.out or DIGITS_SD3_PIPELINE_DIR, seed=args.seed, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, log=_log)
     elif args.command == "features":
         train_feature_network(args.out, seed=args.seed, steps=args.steps, log=_log)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +87,19 @@ def resident_memory_bytes() -> int | None:
         return None
 
 
+def peak_memory_bytes() -> int | None:
+    """The most this process has held resident so far (Linux and macOS)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def check_processes_fit(processes: int, requested: str = "auto", *, threads: int | None = None,
-                        process_bytes: int | None = None, freed_bytes: int | None = None) -> None:
+                        process_bytes: int | None = None, freed_bytes: int | None = None,
+                        basis: str = "as much as this one holds with the pipeline loaded") -> None:
     """Refuse, before anything is started, a local launch this machine cannot hold: more GPU
     processes than GPUs, more CPU processes (times ``threads``) than cores, or more memory than
     is available (``process_bytes`` each; ``freed_bytes`` will be given back by the caller before
@@ -106,7 +118,7 @@ def check_processes_fit(processes: int, requested: str = "auto", *, threads: int
         available += max(freed_bytes, 0)
     if process_bytes and available is not None and processes * process_bytes > available:
         raise ValueError(f"--parallel: {processes} processes need about {processes * process_bytes / 2**30:.1f} GiB "
-                         f"({process_bytes / 2**30:.2f} GiB each, as much as this one holds with the pipeline loaded) "
+                         f"({process_bytes / 2**30:.2f} GiB each, {basis}) "
                          f"and {available / 2**30:.1f} GiB are available; use at most "
                          f"{max(available // process_bytes, 1)} processes")
 

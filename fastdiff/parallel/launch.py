@@ -58,18 +58,26 @@ def _stop(processes: list[Any], grace_s: float = 5.0) -> None:
 def run_processes(world_size: int, target: Callable[..., Any], *args: Any,
                   threads: int | None = None) -> list[tuple[str, Any]]:
     """Run ``target(rank, *args)`` in ``world_size`` fresh processes; ``[(status, result), ...]`` by
-    rank, status ``"ok"`` or ``"error"`` (result: the traceback), ``"lost"`` if it died silently."""
+    rank, status ``"ok"`` or ``"error"`` (result: the traceback), ``"killed"`` (result: the signal)
+    if something outside killed it, ``"lost"`` if it died silently."""
     with tempfile.TemporaryDirectory() as folder:
         context = mp.start_processes(_child, args=(world_size, free_port(), threads, target, args, folder),
                                      nprocs=world_size, join=False, start_method="spawn")
+        killed: dict[int, str] = {}
         try:
             while not context.join():
                 pass
+        except mp.ProcessExitedException as exc:  # killed from outside (out of memory): say so, not a traceback
+            _stop(context.processes)
+            killed[exc.error_index] = exc.signal_name or f"exit code {exc.exit_code}"
         except BaseException:  # Ctrl-C or a failed child: none of the others may outlive this call
             _stop(context.processes)
             raise
         outcomes = []
         for rank in range(world_size):
             file = Path(folder, f"{rank}.pkl")
-            outcomes.append(pickle.loads(file.read_bytes()) if file.exists() else ("lost", None))
+            if rank in killed:
+                outcomes.append(("killed", killed[rank]))
+            else:
+                outcomes.append(pickle.loads(file.read_bytes()) if file.exists() else ("lost", None))
         return outcomes
