@@ -11,13 +11,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from fastdiff.anatomy import anatomy_of
 from fastdiff.models.digits import DIGITS_IMAGE_SIZE, digit_prompt
-from fastdiff.models.digits_mmdit import TEXT_TOKENS, build_digits_sd3_pipeline, load_digits_sd3_pipeline
+from fastdiff.models.digits_mmdit import (DIGITS_SD3_CALL, TEXT_TOKENS, build_digits_sd3_pipeline,
+                                         load_digits_sd3_pipeline)
 from fastdiff.models.train import train_digits_sd3
 
 
 def _images(pipe) -> np.ndarray:
     return pipe(prompt=[digit_prompt(7)], height=DIGITS_IMAGE_SIZE, width=DIGITS_IMAGE_SIZE, num_inference_steps=3,
-                guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+                guidance_scale=2.0, generator=torch.Generator().manual_seed(0), output_type="np", **DIGITS_SD3_CALL).images
 
 
 def test_architecture_is_sd3_over_the_digits_latent() -> None:
@@ -27,6 +28,7 @@ def test_architecture_is_sd3_over_the_digits_latent() -> None:
     assert pipe.text_encoder_3 is None and pipe.tokenizer.model_max_length == TEXT_TOKENS
     anatomy = anatomy_of(pipe.transformer)
     assert anatomy.family == "sd3" and len(anatomy.blocks) == 6
+    assert pipe.transformer.config.patch_size == 2  # 16 image tokens over the 8x8 latent
     # the text sequence: CLIP's tokens, then zeros standing for T5's (max_sequence_length of them)
     embeds, _, pooled, _ = pipe.encode_prompt(digit_prompt(3), None, None, do_classifier_free_guidance=False,
                                               max_sequence_length=16)
@@ -49,3 +51,16 @@ def test_training_moves_the_weights_and_round_trips(tmp_path: Path) -> None:
 def test_missing_weights_say_how_to_train(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"python -m fastdiff.models.train digits-sd3 --out"):
         load_digits_sd3_pipeline(tmp_path)
+
+
+def test_shipped_weights_draw_the_prompted_digits() -> None:
+    from fastdiff.models.digits import load_feature_network
+    from fastdiff.models.digits_mmdit import DIGITS_SD3_GUIDANCE_SCALE
+
+    pipe = load_digits_sd3_pipeline()
+    images = pipe(prompt=[digit_prompt(d) for d in range(10)], height=DIGITS_IMAGE_SIZE, width=DIGITS_IMAGE_SIZE,
+                  num_inference_steps=20, guidance_scale=DIGITS_SD3_GUIDANCE_SCALE,
+                  generator=[torch.Generator().manual_seed(d) for d in range(10)], output_type="pt",
+                  **DIGITS_SD3_CALL).images
+    recognised = load_feature_network().classify(images)
+    assert (recognised == torch.arange(10)).sum() >= 9

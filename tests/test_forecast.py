@@ -214,3 +214,20 @@ def test_bad_forecasts_are_refused_with_what_is_allowed(sd_pipe):
         run(sd_pipe, steps=4)
     assert sd_pipe.acceleration.ledger.modules == []
     assert np.isfinite(run(sd_pipe, steps=6)).all()  # still usable at a step count that fits
+
+
+def test_tgate_forecasts_self_attention_and_holds_the_gate_mean(sd_pipe):
+    outputs, rules = {}, {}
+    for name in ("hold", "ab2"):
+        acc = fastdiff.apply(sd_pipe, TGate(gate_step=6, sp_interval=3, warm_up=1, forecast=name))
+        outputs[name] = run(sd_pipe, steps=9)
+        plan = acc.plan_for(9)
+        for module, row in plan.rows.items():
+            assert [e.decision for e in acc.ledger.modules if e.module == module] == list(row)
+        rules[name] = {hook.path: hook.order for hook in acc._reuse_hooks}
+        acc.remove()
+    assert not np.array_equal(outputs["hold"], outputs["ab2"]) and np.isfinite(outputs["ab2"]).all()
+    # self-attention forecasts (2 points); the cross-attention kept at the gate is held
+    assert {path: order for path, order in rules["ab2"].items() if path.endswith("attn1")} and all(
+        order == 2 for path, order in rules["ab2"].items() if path.endswith("attn1"))
+    assert all(order == 1 for path, order in rules["ab2"].items() if path.endswith("attn2"))

@@ -248,6 +248,8 @@ def _train_flow_transformer(
     logit-normal (most samples at middling noise, where the velocity is hardest to predict),
     the transformer sees ``1000·s`` as its timestep and predicts the velocity ``noise - x``.
     """
+    from .digits_mmdit import DIGITS_SD3_CALL as call
+
     transformer = pipe.transformer
     device = transformer.device
     prompts = _training_prompts()
@@ -262,7 +264,7 @@ def _train_flow_transformer(
         sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
         clean, noise, sigmas, prompt_ids = (t.to(device) for t in (clean, noise, sigmas, prompt_ids))
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
-                                                  do_classifier_free_guidance=False)
+                                                  do_classifier_free_guidance=False, **call)
         s = sigmas.view(-1, 1, 1, 1)
         prediction = transformer(hidden_states=(1 - s) * clean + s * noise, encoder_hidden_states=embeds[prompt_ids],
                                  pooled_projections=pooled[prompt_ids], timestep=sigmas * train_steps).sample
@@ -350,6 +352,7 @@ def generate_digits(
     num_inference_steps: int = 50,
     guidance_scale: float = DIGITS_GUIDANCE_SCALE,
     batch_size: int = 250,
+    **call_kwargs: Any,
 ) -> torch.Tensor:
     """uint8 images N x 3 x H x W, image i from prompt `labels[i]` and its own seed.
 
@@ -368,6 +371,7 @@ def generate_digits(
             height=DIGITS_IMAGE_SIZE,
             width=DIGITS_IMAGE_SIZE,
             output_type="pt",
+            **call_kwargs,
         ).images
         chunks.append((images * 255).round().clamp(0, 255).to(torch.uint8))
     return torch.cat(chunks)
@@ -391,6 +395,7 @@ def evaluate_digits(
     num_inference_steps: int = 50,
     guidance_scale: float = DIGITS_GUIDANCE_SCALE,
     batch_size: int = 250,
+    **call_kwargs: Any,
 ) -> dict[str, Any]:
     """The quality bar: FID of generated digits between a real-vs-real floor and noise.
 
@@ -403,7 +408,7 @@ def evaluate_digits(
     started = time.perf_counter()
     generated = generate_digits(
         pipe, labels, range(n), num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, batch_size=batch_size,
+        guidance_scale=guidance_scale, batch_size=batch_size, **call_kwargs,
     )
     seconds = time.perf_counter() - started
     noise = torch.randint(0, 256, generated.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
@@ -457,6 +462,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_any_digits(path: Path) -> tuple[Any, dict[str, Any]]:
+    """Either digits model (the SD UNet, or the SD3 transformer) and what its calls must pass."""
+    index = path / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusion3Pipeline":
+        from .digits_mmdit import DIGITS_SD3_CALL, load_digits_sd3_pipeline
+
+        return load_digits_sd3_pipeline(path), dict(DIGITS_SD3_CALL)
+    return load_digits_pipeline(path), {}
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
@@ -475,9 +490,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "features":
         train_feature_network(args.out, seed=args.seed, steps=args.steps, log=_log)
     else:
-        pipe, net = load_digits_pipeline(args.model), load_feature_network(args.features)
+        pipe, call = _load_any_digits(args.model)
+        net = load_feature_network(args.features)
         results = [
-            evaluate_digits(pipe, net, n=args.n, num_inference_steps=args.steps, guidance_scale=scale)
+            evaluate_digits(pipe, net, n=args.n, num_inference_steps=args.steps, guidance_scale=scale, **call)
             for scale in args.guidance_scale
         ]
         for result in results:
