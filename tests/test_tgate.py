@@ -197,36 +197,32 @@ def wan_call(pipe, seed=0, **kwargs):
                 **options).frames
 
 
-def transformer_runs(pipe):
-    """Batch sizes of the transformer calls that really ran (the patch embedding is inside it;
-    a call T-GATE answers from the step's first call never reaches it)."""
+def accelerated_wan_call(pipe, method, count_flops=False, **call):
+    """One ``wan_call`` with ``method`` applied (and removed after): its output, the batch sizes of
+    the transformer calls that really ran (the patch embedding is inside it; a call T-GATE answers
+    from the step's first call never reaches it), and the handle."""
     seen = []
-    embedding = pipe.transformer.patch_embedding
-    handle = embedding.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    return seen, handle
+    acc = fastdiff.apply(pipe, method, count_flops=count_flops)
+    handle = pipe.transformer.patch_embedding.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        out = wan_call(pipe, **call)
+    finally:
+        handle.remove()
+        acc.remove()
+    return out, seen, acc
 
 
 def test_wan_gate_at_the_last_step_is_exact(wan_pipe):
     vanilla = wan_call(wan_pipe)
-    acc = fastdiff.apply(wan_pipe, TGate(gate_step=WAN_STEPS, sp_interval=1))
-    seen, handle = transformer_runs(wan_pipe)
-    try:
-        assert np.array_equal(wan_call(wan_pipe), vanilla)
-    finally:
-        handle.remove()
-        acc.remove()
+    out, seen, acc = accelerated_wan_call(wan_pipe, TGate(gate_step=WAN_STEPS, sp_interval=1))
+    assert np.array_equal(out, vanilla)
     assert len(seen) == 2 * WAN_STEPS and acc.report().module_calls_avoided == 0
 
 
 def test_wan_drops_the_unconditional_call_after_the_gate(wan_pipe):
     vanilla = wan_call(wan_pipe)
-    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2), count_flops=True)
-    seen, handle = transformer_runs(wan_pipe)
-    try:
-        out = wan_call(wan_pipe)
-    finally:
-        handle.remove()
-        acc.remove()
+    out, seen, acc = accelerated_wan_call(wan_pipe, TGate(gate_step=2), count_flops=True)
     assert len(seen) == 1 + 2 + 2 + 1 + 1  # the FLOP count's one vanilla pass, then 2, 2, 1, 1 calls
     report = acc.report()
     # the pipeline still made both calls; after the gate the second is answered without running
@@ -261,22 +257,10 @@ def test_wan_keeps_the_mean_of_both_calls_at_the_gate(wan_pipe):
 
 def test_wan_layout_is_read_from_the_calls(wan_pipe):
     # two videos per prompt: a batch of 2 in each of the two calls is not a guidance batch
-    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2))
-    seen, handle = transformer_runs(wan_pipe)
-    try:
-        wan_call(wan_pipe, num_videos_per_prompt=2)
-    finally:
-        handle.remove()
-        acc.remove()
+    _, seen, _ = accelerated_wan_call(wan_pipe, TGate(gate_step=2), num_videos_per_prompt=2)
     assert seen == [2, 2, 2, 2, 2, 2]
     # without guidance there is one call per step and nothing to drop
-    acc = fastdiff.apply(wan_pipe, TGate(gate_step=2))
-    seen, handle = transformer_runs(wan_pipe)
-    try:
-        wan_call(wan_pipe, guidance_scale=1.0)
-    finally:
-        handle.remove()
-        acc.remove()
+    _, seen, acc = accelerated_wan_call(wan_pipe, TGate(gate_step=2), guidance_scale=1.0)
     assert seen == [1] * WAN_STEPS
     assert not any(s.answered for s in acc.report().steps)
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..core.forecast import forecast_order
+from ..core.forecast import forecast_name
 from ..core.method import Method
 from ..core.plan import Decision, Plan
 from ..anatomy import BlockIO, anatomy_of
@@ -258,8 +258,7 @@ class BlockCache(Method):
     forecast: str = "hold"
 
     def __post_init__(self) -> None:
-        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
-        forecast_order(self.forecast, "BlockCache")
+        self.forecast = forecast_name(self.forecast, "BlockCache")
         if self.threshold is not None and self.budget is not None:
             raise ValueError("BlockCache: give threshold or budget, not both")
         if self.threshold is not None and not self.threshold > 0:

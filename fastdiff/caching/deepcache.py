@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..anatomy import Anatomy, anatomy_of
-from ..core.forecast import forecast_order
+from ..core.forecast import forecast_name
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule
@@ -76,8 +76,7 @@ class DeepCache(Method):
     forecast: str = "hold"
 
     def __post_init__(self) -> None:
-        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
-        forecast_order(self.forecast, "DeepCache")
+        self.forecast = forecast_name(self.forecast, "DeepCache")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"DeepCache: interval must be an integer >= 1, got {self.interval!r}")
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..anatomy import anatomy_of
-from ..core.forecast import Stacked, forecast_order
+from ..core.forecast import Stacked, forecast_name
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, batch_multiple, cat_batch, denoiser_sample, first_input, map_batched, tile_batch
@@ -134,8 +134,7 @@ class EncoderPropagation(Method):
     _live: _EncoderLive = field(default_factory=_EncoderLive, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
-        forecast_order(self.forecast, "EncoderPropagation")
+        self.forecast = forecast_name(self.forecast, "EncoderPropagation")
         self.key_steps = parse_key_steps(self.key_steps)
         if self.interval is not None:
             if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:

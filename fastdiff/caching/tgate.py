@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..anatomy import anatomy_of
-from ..core.forecast import forecast_order
+from ..core.forecast import forecast_name
 from ..core.method import Method
 from ..core.plan import Decision
 from ..core.rules import ReuseRule, denoiser_sample, first_input, main_tensor, map_batched, tile_batch, with_main_tensor
@@ -198,8 +198,7 @@ class TGate(Method):
     _live: _GateLive = field(default_factory=_GateLive, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.forecast = self.forecast.strip().lower() if isinstance(self.forecast, str) else self.forecast
-        forecast_order(self.forecast, "TGate")
+        self.forecast = forecast_name(self.forecast, "TGate")
         for name in ("gate_step", "sp_interval", "fi_interval"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

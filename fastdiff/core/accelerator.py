@@ -241,9 +241,9 @@ class Accelerator:
             scheduler = getattr(self.pipe, "scheduler", None)
             steps = steps_announced(scheduler, clock.timestep) or self.default_steps
             clock.num_steps = steps
-            levels = announced_levels(scheduler, steps) if self._timed else None
-            self._plan = self._last_plan = self.plan_for(steps, levels)
-            self._levels = levels or announced_levels(scheduler, steps) or linear_levels(steps)
+            levels = announced_levels(scheduler, steps)
+            self._plan = self._last_plan = self.plan_for(steps, levels if self._timed else None)
+            self._levels = levels or linear_levels(steps)
 
     def step_time(self, step: int) -> float:
         """The noise level of ``step`` in the call in progress (1 = pure noise), the time reused

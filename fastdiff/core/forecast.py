@@ -18,15 +18,24 @@ from typing import Any
 
 import torch
 
+from .rules import zip_outputs
+
 FORECASTS = {"hold": 1, "ab2": 2, "ab3": 3}
 REUSING_METHODS = ("deepcache", "blockcache", "encoder", "tgate")
 
 
+def forecast_name(value: Any, owner: str) -> str:
+    """``value`` as one of the :data:`FORECASTS` names (case and spaces forgiven); a clear error
+    naming ``owner`` and the allowed names for anything else."""
+    name = value.strip().lower() if isinstance(value, str) else None
+    if name not in FORECASTS:
+        raise ValueError(f"{owner}: forecast must be one of {list(FORECASTS)}, got {value!r}")
+    return name
+
+
 def forecast_order(value: Any, owner: str) -> int:
-    """The number of points a ``forecast`` name extrapolates from; a clear error for anything else."""
-    if isinstance(value, str) and value.strip().lower() in FORECASTS:
-        return FORECASTS[value.strip().lower()]
-    raise ValueError(f"{owner}: forecast must be one of {list(FORECASTS)}, got {value!r}")
+    """The number of points a ``forecast`` name extrapolates from."""
+    return FORECASTS[forecast_name(value, owner)]
 
 
 def extrapolation_weights(times: Sequence[float], at: float) -> list[float]:
@@ -46,29 +55,18 @@ def combine(values: Sequence[Any], weights: Sequence[float]) -> Any:
     """``sum(w * v)`` over the floating-point tensors of equally shaped outputs (tensors, tuples,
     lists, dicts, dataclasses); every other leaf (flags, integer tensors, ``None``) is taken from
     ``values[0]``, the most recent. Half-precision tensors are summed in float32."""
-    first = values[0]
-    if isinstance(first, torch.Tensor):
-        if not first.is_floating_point() or any(
-                not isinstance(v, torch.Tensor) or v.shape != first.shape for v in values[1:]):
+
+    def weighted(tensors: list[torch.Tensor]) -> torch.Tensor:
+        first = tensors[0]
+        if not first.is_floating_point() or any(t.shape != first.shape for t in tensors[1:]):
             return first
         wide = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         total = first.to(wide) * weights[0]
-        for value, weight in zip(values[1:], weights[1:]):
-            total = total + value.to(wide) * weight
+        for tensor, weight in zip(tensors[1:], weights[1:]):
+            total = total + tensor.to(wide) * weight
         return total.to(first.dtype)
-    if isinstance(first, (tuple, list)):
-        if any(not isinstance(v, type(first)) or len(v) != len(first) for v in values[1:]):
-            return first
-        items = [combine([v[i] for v in values], weights) for i in range(len(first))]
-        return type(first)(items) if isinstance(first, list) or type(first) is tuple else type(first)(*items)
-    if isinstance(first, dict):
-        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values[1:]):
-            return first
-        return type(first)({k: combine([v[k] for v in values], weights) for k in first})
-    if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        names = [f.name for f in dataclasses.fields(first)]
-        return dataclasses.replace(first, **{n: combine([getattr(v, n) for v in values], weights) for n in names})
-    return first
+
+    return zip_outputs(values, weighted)
 
 
 def forecast(points: Sequence[tuple[float, Any]], at: float, order: int) -> Any:

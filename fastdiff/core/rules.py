@@ -9,6 +9,7 @@ runs observe every computed output through the same door.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -104,20 +105,33 @@ def tile_batch(value: Any, times: int) -> Any:
     return value
 
 
-def cat_batch(parts: list[Any]) -> Any:
-    """Equally structured outputs joined along the batch (leading) dimension, in order."""
-    first = parts[0]
+def zip_outputs(values: Sequence[Any], leaf: Callable[[list[torch.Tensor]], Any]) -> Any:
+    """Equally structured outputs (tensors, tuples, lists, dicts, dataclasses) walked together:
+    each place that holds tensors in all of them becomes ``leaf(those tensors)``; every other
+    leaf, and any place where the structures disagree, is taken from ``values[0]``."""
+    first = values[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat(parts) if first.dim() else first
+        if any(not isinstance(v, torch.Tensor) for v in values[1:]):
+            return first
+        return leaf(list(values))
     if isinstance(first, (tuple, list)):
-        items = [cat_batch([p[i] for p in parts]) for i in range(len(first))]
+        if any(not isinstance(v, type(first)) or len(v) != len(first) for v in values[1:]):
+            return first
+        items = [zip_outputs([v[i] for v in values], leaf) for i in range(len(first))]
         return type(first)(items) if isinstance(first, list) or type(first) is tuple else type(first)(*items)
     if isinstance(first, dict):
-        return {k: cat_batch([p[k] for p in parts]) for k in first}
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in values[1:]):
+            return first
+        return type(first)({k: zip_outputs([v[k] for v in values], leaf) for k in first})
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
-        return dataclasses.replace(
-            first, **{f.name: cat_batch([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)})
+        names = [f.name for f in dataclasses.fields(first)]
+        return dataclasses.replace(first, **{n: zip_outputs([getattr(v, n) for v in values], leaf) for n in names})
     return first
+
+
+def cat_batch(parts: list[Any]) -> Any:
+    """Equally structured outputs joined along the batch (leading) dimension, in order."""
+    return zip_outputs(parts, lambda tensors: torch.cat(tensors) if tensors[0].dim() else tensors[0])
 
 
 class ReuseRule:

@@ -74,6 +74,18 @@ def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch
     return torch.randint(0, n, (batch_size,), generator=generator)
 
 
+def _noised_batch(latents: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clean latents, prompt indices with ``PROMPT_DROPOUT`` of them the empty prompt, noise).
+
+    Randomness is drawn on the CPU so a seed means the same run on any device.
+    """
+    index = _batch_indices(len(latents), batch_size, generator)
+    clean, prompt_ids = latents[index], labels[index].clone()
+    prompt_ids[torch.rand(batch_size, generator=generator) < PROMPT_DROPOUT] = len(_training_prompts()) - 1
+    return clean, prompt_ids, torch.randn(clean.shape, generator=generator)
+
+
 # --------------------------------------------------------------------------- VAE
 
 
@@ -153,14 +165,9 @@ def _train_denoiser(
     unet, text_encoder, scheduler = pipe.unet, pipe.text_encoder, pipe.scheduler
     device = unet.device
     prompts = _training_prompts()
-    empty = len(prompts) - 1
 
     def batch_loss() -> torch.Tensor:
-        # Randomness is drawn on the CPU so a seed means the same run on any device.
-        index = _batch_indices(len(latents), batch_size, generator)
-        clean, prompt_ids = latents[index], labels[index].clone()
-        prompt_ids[torch.rand(batch_size, generator=generator) < PROMPT_DROPOUT] = empty
-        noise = torch.randn(clean.shape, generator=generator)
+        clean, prompt_ids, noise = _noised_batch(latents, labels, batch_size, generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         clean, noise, timesteps, prompt_ids = (t.to(device) for t in (clean, noise, timesteps, prompt_ids))
         embeds, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
@@ -253,14 +260,10 @@ def _train_flow_transformer(
     transformer = pipe.transformer
     device = transformer.device
     prompts = _training_prompts()
-    empty = len(prompts) - 1
     train_steps = pipe.scheduler.config.num_train_timesteps
 
     def batch_loss() -> torch.Tensor:
-        index = _batch_indices(len(latents), batch_size, generator)
-        clean, prompt_ids = latents[index], labels[index].clone()
-        prompt_ids[torch.rand(batch_size, generator=generator) < PROMPT_DROPOUT] = empty
-        noise = torch.randn(clean.shape, generator=generator)
+        clean, prompt_ids, noise = _noised_batch(latents, labels, batch_size, generator)
         sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
         clean, noise, sigmas, prompt_ids = (t.to(device) for t in (clean, noise, sigmas, prompt_ids))
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
