@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ from .cli_checks import (  # noqa: E402
     multiple_of_8,
     one_line,
 )
+from .cli_text import add_text_parser  # noqa: E402
 from .core.accelerator import apply  # noqa: E402
 from .core.method import METHODS, Method, parse_method  # noqa: E402
-from .cli_text import add_text_parser  # noqa: E402
-from .models import BUILTIN_MODELS  # noqa: E402
+from .models import BUILTIN_MODELS, builtin_info  # noqa: E402
 
 DEFAULT_MODEL = "digits"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -62,8 +63,37 @@ def _device(text: str) -> str:
     return text
 
 
-def _variant(spec: str) -> list[Method]:
-    return [_method(part) for part in spec.split("+") if part.strip()]
+class _Variant(list):
+    """Methods composed with '+', and the step count they run at (``@N``; None: the request's)."""
+
+    steps: int | None = None
+
+    @property
+    def label(self) -> str:
+        specs = "+".join(m.spec() for m in self)
+        return specs if self.steps is None else f"{specs}@{self.steps}"
+
+
+def _variant(spec: str) -> _Variant:
+    spec, at, steps = spec.partition("@")
+    variant = _Variant(_method(part) for part in spec.split("+") if part.strip())
+    if at:
+        try:
+            variant.steps = int(steps)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"@{steps}: expected a step count, e.g. deepcache:interval=3@25") from None
+        if variant.steps < 1:
+            raise argparse.ArgumentTypeError(f"@{steps}: the step count must be >= 1")
+    return variant
+
+
+def _peer(spec: str) -> list:
+    from .evals.peers import parse_peer
+
+    try:
+        return parse_peer(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(one_line(exc)) from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -126,7 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--quality", action="store_true",
                          help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
     quality.add_argument("--variant", type=_variant, action="append", default=[], metavar="SPEC[+SPEC]",
-                         help="another method setting to compare, repeatable; '+' composes methods")
+                         help="another method setting to compare, repeatable; '+' composes methods; a trailing @N runs it "
+                              "at N steps (with --quality)")
+    quality.add_argument("--peer", type=_peer, action="append", default=[], metavar="SPEC",
+                         help="another project's cache on the same pipeline, prompts and seeds: NAME (its 2-3 "
+                              "settings), NAME:key=value,... or all; see docs/peers.md")
+    quality.add_argument("--seed-noise", action="store_true",
+                         help="also vanilla on a second seed set: the FID gap that is chance")
     quality.add_argument("--samples", type=int_at_least(2), default=None, help="images per setting (default 1000)")
     quality.add_argument("--baseline-steps", type=_int_list, default=None,
                          help="vanilla step counts for the baseline curve (default 10,20,30)")
@@ -189,10 +225,9 @@ def check_model_argument(model: str, argument: str = "--model", builtins: Sequen
 
 
 def _load(args: argparse.Namespace, device: str | None = None):
+    from .media import makes_video
     from .models import ModelLoadError
     from .runner import load
-
-    from .media import makes_video
 
     try:
         pipe = load(args.model, device or args.device, args.dtype)
@@ -218,8 +253,8 @@ def _check_patches(pipe, methods: list[Method], request, world_size: int) -> str
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .parallel.group import is_main_process, launched_device, launched_world_size
     from .media import VIDEO_SUFFIXES, Video, makes_video, save_output
+    from .parallel.group import is_main_process, launched_device, launched_world_size
     from .runner import generate, prepare_methods
 
     check_output_file("--out", args.out, _image_suffixes(), "an image format Pillow writes (.png, .jpg, .webp, ...)")
@@ -278,7 +313,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _refuse_quality_options(args: argparse.Namespace) -> None:
     given = [flag for flag, value in (("--plot", args.plot), ("--samples", args.samples),
-                                      ("--baseline-steps", args.baseline_steps), ("--batch-size", args.batch_size))
+                                      ("--baseline-steps", args.baseline_steps), ("--batch-size", args.batch_size),
+                                      ("--peer", args.peer or None), ("--seed-noise", args.seed_noise or None))
              if value is not None]
     if given:
         raise UsageError(f"{', '.join(given)}: only with --quality")
@@ -289,6 +325,10 @@ def _parallel_bench(args: argparse.Namespace) -> int:
     from .parallel import PatchParallel
 
     settings = {}
+    for variant in args.variant:
+        if variant.steps is not None:
+            raise UsageError(f"--variant {variant.label}: @steps only with --quality (the parallel bench runs every "
+                             f"setting at --steps)")
     for methods in [args.method, *args.variant]:
         specs = [m.spec() for m in methods]
         if not any(isinstance(m, PatchParallel) for m in methods):
@@ -306,20 +346,28 @@ def _quality_bench(args: argparse.Namespace) -> int:
     from .evals.quality import evaluate_quality, plot_speed_quality
     from .runner import prepare_methods
 
-    if args.model != "digits":
-        raise UsageError(f"--quality scores with the digits feature network: use --model digits, not {args.model!r}")
+    digits_models = [name for name in BUILTIN_MODELS if builtin_info(name).digits_task]
+    if args.model not in digits_models:
+        raise UsageError(f"--quality scores with the digits feature network: use --model "
+                         f"{' or '.join(digits_models)}, not {args.model!r}")
     plot = args.plot or str(Path(args.json).with_suffix(".png"))
     check_output_file("--plot", plot, [".png"])
     request = _request(args)
     chosen = ([args.method] if args.method else []) + args.variant
-    if not chosen:
-        raise UsageError("--quality needs at least one --method or --variant to compare with vanilla")
+    peers = [setting for settings in args.peer for setting in settings]
+    if not chosen and not peers:
+        raise UsageError("--quality needs at least one --method, --variant or --peer to compare with vanilla")
     pipe = _load(args)
-    variants = {"+".join(m.spec() for m in v): prepare_methods(pipe, v, request, args.model) for v in chosen}
+    chosen = [v if isinstance(v, _Variant) else _Variant(v) for v in chosen]
+    variants = {v.label: prepare_methods(pipe, v, replace(request, steps=v.steps or request.steps), args.model)
+                for v in chosen}
+    variant_steps = {v.label: v.steps for v in chosen if v.steps is not None}
     report = evaluate_quality(
         pipe, variants, steps=request.steps, baseline_steps=args.baseline_steps or [10, 20, 30],
         samples=args.samples or 1000, batch_size=args.batch_size or 250, seed=args.seed, guidance_scale=request.guidance_scale,
-        size=request.height, model=args.model,
+        size=request.height, model=args.model, call_options=request.call_options, peers=peers,
+        variant_steps=variant_steps,
+        seed_noise=args.seed_noise,
     )
     print(report)
     Path(args.json).write_text(report.to_json())

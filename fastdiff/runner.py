@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,6 +40,8 @@ class GenerationRequest:
     negative_prompt: str | None = None
     batch_size: int = 1
     num_frames: int | None = None
+    call_options: Mapping[str, Any] = field(default_factory=dict)
+    """Further pipeline arguments (a built-in's ``call_options``), passed where the pipeline takes them."""
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -64,6 +67,7 @@ class GenerationRequest:
             width=self.width or info.width,
             guidance_scale=self.guidance_scale if self.guidance_scale is not None else info.guidance_scale,
             num_frames=self.num_frames or info.num_frames,
+            call_options={**info.call_options, **self.call_options},
         )
 
 
@@ -112,6 +116,7 @@ def call_kwargs(pipe: DiffusionPipeline, request: GenerationRequest) -> dict[str
         value = getattr(request, name)
         if value is not None and name in params:
             kwargs[name] = value
+    kwargs.update({name: value for name, value in request.call_options.items() if name in params})
     if "clean_caption" in params and not _caption_cleaning_available():
         kwargs["clean_caption"] = False  # the pipeline would say so twice per call, then do the same
     device = getattr(pipe, "device", torch.device("cpu"))
@@ -150,8 +155,8 @@ CALIBRATION_SEED = 10_000  # far from the seeds benchmarks and evaluations gener
 
 
 def calibration_prompts(model: str, request: GenerationRequest) -> list[str]:
-    """Prompts a method calibrates on: every class of the digits model, else the request's prompt."""
-    if model == "digits":
+    """Prompts a method calibrates on: every class of a digits model, else the request's prompt."""
+    if is_builtin(model) and builtin_info(model).digits_task:
         from .models.digits import digit_prompt
 
         return [digit_prompt(label) for label in range(10)]
@@ -164,8 +169,10 @@ def prepare_methods(pipe: DiffusionPipeline, methods: Sequence[Method], request:
     Methods that could not be applied together are refused first, before any calibration runs."""
     check_composition(pipe, methods)
     steps = request.steps or pipeline_default_steps(pipe)
+    params = inspect.signature(type(pipe).__call__).parameters
     settings = {name: getattr(request, name) for name in ("height", "width", "guidance_scale", "num_frames")
-                if getattr(request, name) is not None and name in inspect.signature(type(pipe).__call__).parameters}
+                if getattr(request, name) is not None and name in params}
+    settings.update({name: value for name, value in request.call_options.items() if name in params})
     return [m.prepare(pipe, steps=steps, prompts=calibration_prompts(model, request), seed=CALIBRATION_SEED,
                       **settings) for m in methods]
 

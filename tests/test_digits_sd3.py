@@ -64,3 +64,38 @@ def test_shipped_weights_draw_the_prompted_digits() -> None:
                   **DIGITS_SD3_CALL).images
     recognised = load_feature_network().classify(images)
     assert (recognised == torch.arange(10)).sum() >= 9
+
+
+def test_builtin_passes_its_call_options_everywhere(tmp_path: Path) -> None:
+    """`--model digits-sd3` generates, calibrates and scores with its one T5 slot, as trained."""
+    from fastdiff.cli import main
+    from fastdiff.models import build_builtin, builtin_info
+    from fastdiff.runner import GenerationRequest, call_kwargs, calibration_prompts
+
+    info = builtin_info("digits-sd3")
+    assert info.digits_task and info.call_options == DIGITS_SD3_CALL and info.guidance_scale == 1.0
+    request = GenerationRequest(prompt=digit_prompt(4)).with_model_defaults("digits-sd3")
+    pipe = build_builtin("digits-sd3")
+    assert call_kwargs(pipe, request)["max_sequence_length"] == 1
+    assert "max_sequence_length" not in call_kwargs(build_builtin("tiny-sd"), request)  # only where it is taken
+    assert len(calibration_prompts("digits-sd3", request)) == 10
+    out = tmp_path / "seven.png"
+    assert main(["generate", "--model", "digits-sd3", "--steps", "4", "--out", str(out)]) == 0 and out.exists()
+
+
+def test_finetune_adapts_the_mmdit_to_its_exits() -> None:
+    """The early-exit fine-tune on a flow-matching transformer: blocks a bucket drops get no gradient."""
+    from fastdiff.caching import EarlyExit
+    from fastdiff.caching.early_exit import finetune
+
+    pipe = build_digits_sd3_pipeline(0)
+    method = EarlyExit(schedule=[4])  # every bucket keeps 4 of the 6 blocks
+    last = [p.detach().clone() for p in pipe.transformer.transformer_blocks[5].parameters()]
+    first = [p.detach().clone() for p in pipe.transformer.transformer_blocks[0].parameters()]
+    images = torch.rand(6, 3, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    losses = finetune(pipe, method, images, [digit_prompt(d) for d in range(6)], steps=3, batch_size=4, lr=1e-3,
+                      **DIGITS_SD3_CALL)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(torch.equal(a, b) for a, b in zip(last, pipe.transformer.transformer_blocks[5].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(first, pipe.transformer.transformer_blocks[0].parameters()))
+    assert not pipe.transformer.training

@@ -53,7 +53,7 @@ def _state(pipe: DiffusionPipeline) -> dict[str, torch.Tensor]:
 def test_registry_lists_all_builtins() -> None:
     assert set(BUILTIN_MODELS) == {
         "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "tiny-sd3", "tiny-flux", "tiny-wan",
-        "sd15-arch", "sd3-arch", "wan-arch", "digits",
+        "sd15-arch", "sd3-arch", "wan-arch", "digits", "digits-sd3",
     }
     assert default_size("tiny-sd") == (64, 64)
     assert default_size("sd15-arch") == (256, 256)

@@ -59,9 +59,22 @@ def test_cli_quality(tmp_path):
     assert out.with_suffix(".png").exists()
 
 
+def test_cli_quality_on_the_transformer_with_a_variant_at_fewer_steps(tmp_path):
+    out = tmp_path / "q.json"
+    assert main(["bench", "--model", "digits-sd3", "--quality", "--steps", "6", "--baseline-steps", "3",
+                 "--samples", "4", "--batch-size", "4", "--variant", "deepcache:interval=2@4",
+                 "--json", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [(p["label"], p["steps"]) for p in points] == [("vanilla", 6), ("vanilla 3 steps", 3),
+                                                         ("deepcache:interval=2,branch=0@4", 4)]
+    assert points[2]["denoiser_gflops_per_image"] < points[1]["denoiser_gflops_per_image"]
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "tiny-sd", "--method", "deepcache"], "use --model digits"),
-    (["--model", "digits"], "needs at least one --method or --variant"),
+    (["--model", "tiny-sd", "--method", "deepcache"], "use --model digits or digits-sd3"),
+    (["--model", "digits"], "needs at least one --method, --variant or --peer"),
+    (["--model", "digits", "--variant", "deepcache@0"], "the step count must be >= 1"),
+    (["--model", "digits", "--variant", "deepcache@x"], "expected a step count"),
     (["--model", "digits", "--method", "deepcache", "--baseline-steps", "0"], "expected step counts >= 1"),
 ])
 def test_cli_quality_bad_input(tmp_path, capsys, argv, message):

@@ -25,13 +25,59 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def _latents(pipe: DiffusionPipeline, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Training latents as the pipeline's denoiser sees them (SD3/Flux VAEs also shift)."""
     vae = pipe.vae
     device, dtype = vae.device, vae.dtype
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     parts = []
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk].to(device=device, dtype=dtype) * 2 - 1
-        parts.append(vae.encode(batch).latent_dist.mode() * vae.config.scaling_factor)
+        parts.append((vae.encode(batch).latent_dist.mode() - shift) * vae.config.scaling_factor)
     return torch.cat(parts)
+
+
+class _Objective:
+    """The denoising loss the pipeline's denoiser was trained with, at timesteps of one bucket.
+
+    UNet pipelines (SD 1.x/2.x): noise or velocity prediction at integer timesteps, added by
+    the scheduler. Flow-matching transformers (SD3): ``(1 - s)·x + s·noise`` at noise level ``s``,
+    timestep ``1000·s``, the velocity ``noise - x`` as target.
+    """
+
+    def __init__(self, pipe: DiffusionPipeline, vocabulary: list[str], prompt_options: dict) -> None:
+        self.pipe = pipe
+        self.flow = getattr(pipe, "transformer", None) is not None
+        self.denoiser = pipe.transformer if self.flow else pipe.unet
+        self.total = int(pipe.scheduler.config.num_train_timesteps)
+        device = self.denoiser.device
+        with torch.no_grad():
+            if self.flow:
+                embeds, _, pooled, _ = pipe.encode_prompt(vocabulary, None, None, device=device, num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=False, **prompt_options)
+                self.embeds, self.pooled = embeds, pooled
+            else:
+                self.embeds, _ = pipe.encode_prompt(vocabulary, device, 1, do_classifier_free_guidance=False,
+                                                    **prompt_options)
+
+    def loss(self, clean: torch.Tensor, noise: torch.Tensor, ids: torch.Tensor, low: int, high: int,
+             generator: torch.Generator) -> torch.Tensor:
+        device = self.denoiser.device
+        batch = len(clean)
+        clean, noise, ids = clean.to(device), noise.to(device), ids.to(device)
+        if self.flow:
+            sigmas = (low + (high - low) * torch.rand(batch, generator=generator)) / self.total
+            s = sigmas.to(device).view(-1, 1, 1, 1)
+            prediction = self.denoiser(hidden_states=(1 - s) * clean + s * noise,
+                                       encoder_hidden_states=self.embeds[ids], pooled_projections=self.pooled[ids],
+                                       timestep=sigmas.to(device) * self.total).sample
+            return F.mse_loss(prediction.float(), (noise - clean).float())
+        scheduler = self.pipe.scheduler
+        timesteps = torch.randint(low, high, (batch,), generator=generator).to(device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = (scheduler.get_velocity(clean, noise, timesteps)
+                  if scheduler.config.prediction_type == "v_prediction" else noise)
+        prediction = self.denoiser(noisy, timesteps, self.embeds[ids]).sample
+        return F.mse_loss(prediction.float(), target.float())
 
 
 def finetune(
@@ -46,19 +92,25 @@ def finetune(
     prompt_dropout: float = 0.1,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    **prompt_options: object,
 ) -> list[float]:
-    """Fine-tune ``pipe``'s UNet, in place, to the exits ``method`` takes; returns the losses.
+    """Fine-tune ``pipe``'s denoiser, in place, to the exits ``method`` takes; returns the losses.
 
     Args:
         images: training images, ``(N, C, H, W)`` in ``[0, 1]`` at the pipeline's resolution.
         prompts: one prompt per image; ``prompt_dropout`` of them become ``""`` (what guidance's
             unconditional half sees).
-    For text-to-image pipelines with a VAE and ``encode_prompt`` (Stable Diffusion 1.x/2.x).
+        prompt_options: passed to ``encode_prompt`` (digits-sd3: ``max_sequence_length=1``).
+    For text-to-image pipelines with a VAE and ``encode_prompt``: Stable Diffusion 1.x/2.x
+    (UNet) and SD3-style flow-matching transformers. The text encoders stay frozen.
     """
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
+    flow = getattr(pipe, "transformer", None) is not None and getattr(pipe, "scheduler", None) is not None \
+        and "FlowMatch" in type(pipe.scheduler).__name__
+    denoiser = pipe.transformer if flow else getattr(pipe, "unet", None)
+    if denoiser is None or not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
         raise TypeError(
-            f"finetune: supports Stable Diffusion-style pipelines (unet, vae, encode_prompt); got {type(pipe).__name__}"
+            f"finetune: supports Stable Diffusion-style pipelines (unet or flow-matching transformer, vae, "
+            f"encode_prompt); got {type(pipe).__name__}"
         )
     if images.dim() != 4 or len(images) != len(prompts):
         raise ValueError(
@@ -67,26 +119,26 @@ def finetune(
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"finetune: {name} must be an integer >= 1, got {value!r}")
-    ladder = exit_ladder(unet)
-    depths = method.depths(unet, ladder)
-    scheduler = pipe.scheduler
-    total = int(scheduler.config.num_train_timesteps)
-    device = unet.device
+    ladder = exit_ladder(denoiser)
+    depths = method.depths(denoiser, ladder)
+    total = int(pipe.scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(seed)
 
     latents = _latents(pipe, images)
     vocabulary = sorted(set(prompts) | {""})
     index = {p: i for i, p in enumerate(vocabulary)}
     labels = torch.tensor([index[p] for p in prompts])
-    with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(vocabulary, device, 1, do_classifier_free_guidance=False)
+    objective = _Objective(pipe, vocabulary, dict(prompt_options))
     empty = index[""]
 
-    parameters = [p for p in unet.parameters() if p.requires_grad]
+    parameters = [p for p in denoiser.parameters() if p.requires_grad]
+    if not parameters:  # shipped pipelines come frozen
+        denoiser.requires_grad_(True)
+        parameters = list(denoiser.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     losses: list[float] = []
-    was_training = unet.training
-    unet.train()
+    was_training = denoiser.training
+    denoiser.train()
     try:
         for step in range(steps):
             bucket = int(torch.randint(0, len(depths), (1,), generator=generator))
@@ -95,15 +147,9 @@ def finetune(
             rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
             ids = labels[rows].clone()
             ids[torch.rand(batch_size, generator=generator) < prompt_dropout] = empty
-            noise = torch.randn(latents[rows].shape, generator=generator).to(device)
-            timesteps = torch.randint(low, high, (batch_size,), generator=generator).to(device)
-            clean = latents[rows].to(device)
-            noisy = scheduler.add_noise(clean, noise, timesteps)
-            target = (scheduler.get_velocity(clean, noise, timesteps)
-                      if scheduler.config.prediction_type == "v_prediction" else noise)
-            with exiting(unet, depths[bucket], ladder):
-                prediction = unet(noisy, timesteps, embeds[ids.to(device)]).sample
-            loss = F.mse_loss(prediction.float(), target.float())
+            noise = torch.randn(latents[rows].shape, generator=generator)
+            with exiting(denoiser, depths[bucket], ladder):
+                loss = objective.loss(latents[rows], noise, ids, low, high, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -111,5 +157,5 @@ def finetune(
             if log is not None and (step % 50 == 0 or step == steps - 1):
                 log(f"finetune step {step}: bucket {bucket} keeps {depths[bucket]}/{ladder.depth}, loss {losses[-1]:.4f}")
     finally:
-        unet.train(was_training)
+        denoiser.train(was_training)
     return losses

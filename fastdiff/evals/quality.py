@@ -9,9 +9,12 @@ prompts and seeds), prompt adherence by the digits classifier, and the cost per 
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,13 +23,16 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+from ..cli_checks import one_line
 from ..core.progress import pipeline_bar_off, plural, progress_bar
-from ..core.accelerator import apply
+from ..core.accelerator import apply, find_denoiser
 from ..core.method import Method
 from ..runner import GenerationRequest, call_kwargs
 from .bench import psnr
 from .fid import FrechetAccumulator, load_extractor
 from .fidelity import batch_call_kwargs
+from .flop_count import count_denoiser_flops
+from .peers import PeerContext, PeerSetting
 
 REFERENCE = "vanilla"
 
@@ -42,6 +48,7 @@ class QualityPoint:
     fid_vs_reference: float | None
     psnr_vs_reference: float | None
     adherence: float
+    kind: str = "method"  # "vanilla", "method" (fastdiff) or "peer"
 
 
 @dataclass
@@ -53,6 +60,7 @@ class QualityReport:
     reference: str
     points: list[QualityPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    seed_noise: float | None = None  # FID-digits gap of vanilla between two seed sets
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -71,7 +79,66 @@ class QualityReport:
                 f"{p.label:34} {p.steps:>5} {p.seconds_per_image:>8.4f} {p.denoiser_gflops_per_image:>10.3f} "
                 f"{p.fid_real:>9.3f} {ref:>8} {ps:>9} {p.adherence:>9.1%}"
             )
+        if self.seed_noise is not None:
+            lines.append(f"seed noise (FID real, vanilla on two seed sets): {self.seed_noise:.3f}")
+        lines += self.notes
         return "\n".join(lines)
+
+
+SEED_CHECK = f"{REFERENCE}, second seed set"
+
+
+@dataclass
+class _Run:
+    """One setting of the sweep: vanilla at some step count, fastdiff methods, or a peer."""
+
+    label: str
+    steps: int
+    methods: list[Method] = field(default_factory=list)
+    peer: PeerSetting | None = None
+    seed_offset: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "peer" if self.peer is not None else "method" if self.methods else "vanilla"
+
+    @property
+    def description(self) -> str:
+        if self.methods or self.peer or self.seed_offset:
+            return self.label
+        return f"{REFERENCE} {plural(self.steps, 'step')}"
+
+    @contextmanager
+    def prepared(self, pipe: DiffusionPipeline, context: PeerContext) -> Iterator[tuple[DiffusionPipeline, Any]]:
+        """The pipeline to call (a peer gets its own copy) and what to call on it."""
+        if self.peer is not None:
+            reason = self.peer.peer.cannot_run(pipe)
+            if reason is not None:
+                raise ValueError(reason)
+            target = copy.deepcopy(pipe)
+            enabled = self.peer.enable(target, context)
+            try:
+                yield target, enabled.call
+            finally:
+                enabled.remove()
+            return
+        accelerator = apply(pipe, *self.methods) if self.methods else None
+        try:
+            yield pipe, None
+        finally:
+            if accelerator is not None:
+                accelerator.remove()
+
+
+def _calibration_requests(steps: int, guidance_scale: float | None, size: int | None,
+                          call_options: Mapping[str, Any]) -> list[GenerationRequest]:
+    """The ten digit prompts on seeds no evaluated image uses: what peers calibrate on."""
+    from ..runner import CALIBRATION_SEED
+
+    prompts, _ = _prompts_and_labels(10)
+    return [GenerationRequest(prompt=prompt, steps=steps, seed=CALIBRATION_SEED + i, height=size, width=size,
+                              guidance_scale=guidance_scale, call_options=call_options)
+            for i, prompt in enumerate(prompts)]
 
 
 def _prompts_and_labels(samples: int) -> tuple[list[str], list[int]]:
@@ -82,26 +149,26 @@ def _prompts_and_labels(samples: int) -> tuple[list[str], list[int]]:
 
 
 def _requests(samples: int, seed: int, steps: int, guidance_scale: float | None,
-              size: int | None) -> list[GenerationRequest]:
+              size: int | None, call_options: Mapping[str, Any]) -> list[GenerationRequest]:
     """Image i: digit ``i mod 10``, seed ``seed + i``: the same set for every setting."""
     prompts, _ = _prompts_and_labels(samples)
     return [
         GenerationRequest(prompt=prompt, steps=steps, seed=seed + i, height=size, width=size,
-                          guidance_scale=guidance_scale)
+                          guidance_scale=guidance_scale, call_options=call_options)
         for i, prompt in enumerate(prompts)
     ]
 
 
 def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_size: int,
-              bar: Any = None) -> tuple[torch.Tensor, float]:
+              bar: Any = None, call: Callable[..., Any] | None = None) -> tuple[torch.Tensor, float]:
     """uint8 images N x 3 x H x W and the wall time the pipeline calls took (the bar's own time
-    is left out of it)."""
+    is left out of it). ``call``: what to call instead of ``pipe`` (a peer's own entry point)."""
     chunks: list[torch.Tensor] = []
     elapsed = 0.0
     for start in range(0, len(requests), batch_size):
         kwargs = batch_call_kwargs(pipe, requests[start:start + batch_size])
         begin = time.perf_counter()
-        images = pipe(**kwargs, output_type="np").images
+        images = (call or pipe)(**kwargs, output_type="np").images
         elapsed += time.perf_counter() - begin
         chunks.append(torch.from_numpy((np.asarray(images) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
         if bar is not None:
@@ -109,14 +176,22 @@ def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_
     return torch.cat(chunks), elapsed
 
 
-def denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest) -> int:
-    """Denoiser FLOPs of one image, counted in an untimed call."""
-    accelerator = apply(pipe, *methods, count_flops=True)
+def denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest | Sequence[GenerationRequest],
+                   call: Callable[..., Any] | None = None) -> float:
+    """Denoiser FLOPs per image, counted in an untimed call (of one image or of a batch).
+
+    The counter is the same for everyone: torch's FlopCounterMode around every denoiser call
+    (``count_denoiser_flops``), so whatever a method or a peer skips is simply not counted."""
+    requests = [request] if isinstance(request, GenerationRequest) else list(request)
+    accelerator = apply(pipe, *methods) if methods else None
     try:
-        pipe(**call_kwargs(pipe, request), output_type="np")
-        return accelerator.report().flops_run or 0
+        kwargs = batch_call_kwargs(pipe, requests)
+        _, denoiser = find_denoiser(pipe)
+        total, _ = count_denoiser_flops(denoiser, lambda: (call or pipe)(**kwargs, output_type="np"))
+        return total / len(requests)
     finally:
-        accelerator.remove()
+        if accelerator is not None:
+            accelerator.remove()
 
 
 def _distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -139,9 +214,19 @@ def evaluate_quality(
     guidance_scale: float | None = None,
     size: int | None = None,
     model: str = "digits",
+    call_options: Mapping[str, Any] | None = None,
+    peers: Sequence[PeerSetting] = (),
+    variant_steps: Mapping[str, int] | None = None,
+    seed_noise: bool = False,
     show_progress: bool = True,
 ) -> QualityReport:
-    """Score vanilla at ``steps`` (the reference), vanilla at each of ``baseline_steps``, and each variant.
+    """Score vanilla at ``steps`` (the reference), vanilla at each of ``baseline_steps``, each
+    variant, and each peer setting (on a copy of the pipeline, so nothing of it stays behind).
+
+    ``variant_steps``: a step count for some variants (by name) other than ``steps``, to set a
+    method at fewer steps against vanilla at fewer steps still.
+    ``seed_noise``: also vanilla at ``steps`` on the next ``samples`` seeds; the FID-digits gap
+    between the two seed sets is how far apart two settings must be to differ beyond chance.
 
     ``show_progress``: a bar per setting on stderr over the images it generates (thousands of
     images take a while); the pipeline's own per-call bars stay off meanwhile and its
@@ -160,43 +245,72 @@ def evaluate_quality(
     label_tensor = torch.tensor(labels)
     report = QualityReport(model, samples, seed, guidance_scale, f"{REFERENCE} at {steps} steps")
 
-    settings: list[tuple[str, list[Method], int]] = [(REFERENCE, [], steps)]
-    settings += [(f"{REFERENCE} {k} steps", [], k) for k in baseline_steps if k != steps]
-    settings += [(name, list(methods), steps) for name, methods in variants.items()]
+    runs: list[_Run] = [_Run(REFERENCE, steps)]
+    runs += [_Run(f"{REFERENCE} {k} steps", k) for k in baseline_steps if k != steps]
+    if seed_noise:
+        runs.append(_Run(SEED_CHECK, steps, seed_offset=samples))
+    runs += [_Run(name, (variant_steps or {}).get(name, steps), methods=list(methods))
+             for name, methods in variants.items()]
+    runs += [_Run(setting.spec(), steps, peer=setting) for setting in peers]
+    context = PeerContext(steps, guidance_scale, calibrate=lambda p: p(**batch_call_kwargs(
+        p, _calibration_requests(steps, guidance_scale, size, call_options or {})), output_type="np"))
     reference: tuple[torch.Tensor, torch.Tensor] | None = None  # images, features
     with pipeline_bar_off(pipe):
-        for label, methods, count in settings:
-            desc = label if methods else f"{REFERENCE} {plural(count, 'step')}"
-            accelerator = apply(pipe, *methods) if methods else None
+        for run in runs:
+            requests = _requests(samples, seed + run.seed_offset, run.steps, guidance_scale, size, call_options or {})
             try:
-                requests = _requests(samples, seed, count, guidance_scale, size)
-                with progress_bar(total=samples, desc=desc, unit="img", enabled=show_progress) as bar:
-                    images, elapsed = _generate(pipe, requests, batch_size, bar)
-            finally:
-                if accelerator is not None:
-                    accelerator.remove()
+                with run.prepared(pipe, context) as (target, call):
+                    with progress_bar(total=samples, desc=run.description, unit="img", enabled=show_progress) as bar:
+                        images, elapsed = _generate(target, requests, batch_size, bar, call)
+                    if run.peer is not None:  # peers decide per batch (adaptive thresholds): count the first
+                        flops = denoiser_flops(target, [], requests[:batch_size], call)
+                if run.peer is None:  # fastdiff's plans do not depend on the images: one is enough
+                    flops = denoiser_flops(pipe, run.methods, requests[0])
+            except Exception as exc:  # noqa: BLE001 - a peer that fails on this pipeline is reported, not fatal
+                if run.peer is None:
+                    raise
+                report.notes.append(f"{run.label}: cannot run on {type(pipe).__name__}: "
+                                    f"{type(exc).__name__}: {one_line(exc)[:300]}")
+                continue
             image_features = extractor(images)
             is_reference = reference is None
             if reference is None:
                 reference = (images, image_features)
+            compared = not is_reference and run.seed_offset == 0  # other seeds: other images, nothing to pair
             with torch.no_grad():
                 predicted = extractor.module.classify(images)
-            report.points.append(QualityPoint(
-                label=label,
-                methods=[m.spec() for m in methods],
-                steps=count,
+            point = QualityPoint(
+                label=run.label,
+                methods=[m.spec() for m in run.methods] or ([run.peer.spec()] if run.peer else []),
+                steps=run.steps,
                 seconds_per_image=elapsed / samples,
-                denoiser_gflops_per_image=denoiser_flops(pipe, methods, requests[0]) / 1e9,
+                denoiser_gflops_per_image=flops / 1e9,
                 fid_real=_distance(real_features, image_features),
-                fid_vs_reference=None if is_reference else _distance(reference[1], image_features),
-                psnr_vs_reference=None if is_reference else psnr(reference[0].numpy(), images.numpy(), 255.0),
+                fid_vs_reference=_distance(reference[1], image_features) if compared else None,
+                psnr_vs_reference=psnr(reference[0].numpy(), images.numpy(), 255.0) if compared else None,
                 adherence=float((predicted == label_tensor).float().mean()),
-            ))
+                kind=run.kind,
+            )
+            report.points.append(point)
+            if run.label == SEED_CHECK:
+                report.seed_noise = abs(point.fid_real - report.points[0].fid_real)
     return report
 
 
+def _family(point: QualityPoint) -> str:
+    """Which curve a point belongs to: its method names (and forecast), or its peer's name."""
+    names = []
+    for spec in point.methods:
+        name, _, options = spec.partition(":")
+        forecast = re.search(r"forecast=(\w+)", options)
+        names.append(f"{name} {forecast.group(1)}" if forecast and forecast.group(1) != "hold" else name)
+    return "+".join(names)
+
+
 def plot_speed_quality(report: QualityReport, path: str | Path, x: str = "denoiser_gflops_per_image") -> None:
-    """FID against cost: vanilla's step sweep as a curve, each method as a labelled point."""
+    """FID against cost: vanilla's step sweep as a curve; fastdiff's settings (filled) and each
+    peer's (hollow, dashed) as one curve per method or peer; the seed noise as error bars on
+    vanilla."""
     try:
         import matplotlib
 
@@ -204,21 +318,31 @@ def plot_speed_quality(report: QualityReport, path: str | Path, x: str = "denois
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError("the speed-quality plot needs matplotlib: pip install 'fastdiff[eval]'") from exc
-    vanilla = sorted((p for p in report.points if not p.methods), key=lambda p: getattr(p, x))
-    methods = [p for p in report.points if p.methods]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.plot([getattr(p, x) for p in vanilla], [p.fid_real for p in vanilla], "o-", color="black",
-            label="vanilla, fewer steps")
+    vanilla = sorted((p for p in report.points if p.kind == "vanilla" and p.label != SEED_CHECK),
+                     key=lambda p: getattr(p, x))
+    families: dict[tuple[str, str], list[QualityPoint]] = {}
+    for p in report.points:
+        if p.kind != "vanilla":
+            families.setdefault((p.kind, _family(p)), []).append(p)
+    fig, ax = plt.subplots(figsize=(7.6, 5.2), dpi=120)
+    ax.errorbar([getattr(p, x) for p in vanilla], [p.fid_real for p in vanilla],
+                yerr=report.seed_noise if report.seed_noise is not None else None, fmt="o-", color="black",
+                capsize=3, label="vanilla, fewer steps" + (" (± seed noise)" if report.seed_noise is not None else ""))
     for p in vanilla:
         ax.annotate(f"{p.steps}", (getattr(p, x), p.fid_real), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for p in methods:
-        ax.plot(getattr(p, x), p.fid_real, "s", label=p.label)
+    markers = "sD^v<>pPX*h"
+    for i, ((kind, name), points) in enumerate(sorted(families.items())):
+        points.sort(key=lambda p: getattr(p, x))
+        peer = kind == "peer"
+        ax.plot([getattr(p, x) for p in points], [p.fid_real for p in points], linestyle="--" if peer else "-",
+                marker=markers[i % len(markers)], markerfacecolor="none" if peer else None,
+                label=f"{name} (peer)" if peer else name)
     ax.set_xlabel({"denoiser_gflops_per_image": "denoiser GFLOPs per image",
                    "seconds_per_image": "seconds per image"}.get(x, x))
     ax.set_ylabel("FID-digits vs real digits (lower is better)")
     ax.set_title(f"{report.model}: speed vs quality (N={report.samples})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from .digits import DIGITS_GUIDANCE_SCALE, DIGITS_IMAGE_SIZE, load_digits_pipeline
+from .digits_mmdit import DIGITS_SD3_CALL, DIGITS_SD3_GUIDANCE_SCALE
 from .tokenizers import clip_tokenizer, t5_tokenizer
 
 __all__ = [
@@ -243,6 +244,12 @@ class BuiltinModel:
     takes_size: bool = True
     example_prompt: str = "a photograph of an astronaut riding a horse"
     num_frames: int | None = None
+    call_options: Mapping[str, Any] = field(default_factory=dict)
+    """Pipeline arguments the model was trained for and that every call must pass (digits-sd3:
+    one T5 slot). The pipeline's own defaults would silently give other images."""
+    digits_task: bool = False
+    """Draws the digits task's prompts, so the digits feature network can score it (FID-digits,
+    adherence) and calibrations use the ten digit prompts."""
 
     @property
     def is_video(self) -> bool:
@@ -263,6 +270,7 @@ class BuiltinModel:
             kwargs.update(height=self.height, width=self.width)
         if self.num_frames is not None:
             kwargs["num_frames"] = self.num_frames
+        kwargs.update(self.call_options)
         return kwargs
 
 
@@ -767,6 +775,14 @@ def _build_digits(seed: int) -> DiffusionPipeline:
     return load_digits_pipeline()
 
 
+def _build_digits_sd3(seed: int) -> DiffusionPipeline:
+    """Trained weights shipped in the package: `seed` has nothing to choose, so it is ignored."""
+    from .digits_mmdit import load_digits_sd3_pipeline
+
+    del seed
+    return load_digits_sd3_pipeline()
+
+
 _REGISTRY: dict[str, BuiltinModel] = {
     spec.name: spec
     for spec in (
@@ -904,6 +920,24 @@ _REGISTRY: dict[str, BuiltinModel] = {
             ),
             builder=_build_digits,
             example_prompt="a handwritten digit seven",
+            digits_task=True,
+        ),
+        BuiltinModel(
+            name="digits-sd3",
+            pipeline_class="StableDiffusion3Pipeline",
+            height=DIGITS_IMAGE_SIZE,
+            width=DIGITS_IMAGE_SIZE,
+            num_inference_steps=50,
+            guidance_scale=DIGITS_SD3_GUIDANCE_SCALE,
+            description=(
+                "The digits task on SD3's pipeline: a trained 6-block MMDiT (3.5 M parameters, flow matching), "
+                "two CLIPs, the digits VAE; for quality measurements on a transformer. Calls pass "
+                "max_sequence_length=1 (its one T5 slot). Weights are shipped, so the seed is ignored."
+            ),
+            builder=_build_digits_sd3,
+            example_prompt="a handwritten digit seven",
+            call_options=DIGITS_SD3_CALL,
+            digits_task=True,
         ),
     )
 }

@@ -1,0 +1,67 @@
+"""Denoiser FLOPs of a pipeline call, counted the same way whatever accelerates it.
+
+torch's FlopCounterMode counts every matmul, convolution and attention by its shape; run around
+each denoiser call (a hook on the denoiser, outermost), it counts exactly the work that was
+done, whether fastdiff's plan, a diffusers cache or cache-dit decided to skip the rest. Its
+per-module breakdown is switched off: it walks the module tree by name, which loops on the
+cyclic module graphs some caches build, and only the total is wanted here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils.flop_counter import FlopCounterMode
+
+HOOK_NAME = "fastdiff_flop_count"
+
+
+class _NoModuleBreakdown:
+    """Stands in for FlopCounterMode's module tracker: every count goes to the total only."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModuleBreakdown:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def total_flop_counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False, depth=0)
+    counter.mod_tracker = _NoModuleBreakdown()  # type: ignore[assignment]
+    return counter
+
+
+class _CountDenoiserCalls(ModelHook):
+    _is_stateful = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.calls = 0
+        self._counter: FlopCounterMode | None = None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        counter = total_flop_counter()
+        with counter:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        self.total += counter.get_total_flops()
+        self.calls += 1
+        return output
+
+
+def count_denoiser_flops(denoiser: torch.nn.Module, run: Callable[[], Any]) -> tuple[int, int]:
+    """FLOPs of every call of ``denoiser`` while ``run()`` runs, and how many calls there were."""
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    hook = _CountDenoiserCalls()
+    registry.register_hook(hook, HOOK_NAME)
+    try:
+        run()
+    finally:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    return hook.total, hook.calls
