@@ -2,8 +2,8 @@
 after a short fine-tune, against vanilla with fewer steps.
 
     python benchmarks/early_exit_digits.py --model digits --samples 1000 --json early_exit_digits.json
-    python benchmarks/early_exit_digits.py --model digits-sd3 --samples 1000 --baseline-steps 30,35,40,45 \
-        --json early_exit_digits_sd3.json
+    python benchmarks/early_exit_digits.py --model digits-sd3 --samples 1000 --batch-size 250 \
+        --baseline-steps 28,35,42 --json early_exit_digits_sd3.json
 
 Every setting generates the same prompts and seeds (digits 0-9 cycling, seeds 0..N-1, the
 model's 50 steps and guidance) and is scored with FID-digits against real digits

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-SEED_CHECK = "vanilla, second seed set"
+from fastdiff.evals.quality import SEED_CHECK
 
 
 def _vanilla_at(vanilla: list[dict], flops: float) -> float | None:

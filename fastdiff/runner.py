@@ -7,8 +7,7 @@ pipeline and a class-conditional one (DiT) are driven the same way and seeds mea
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,7 +18,6 @@ from .core.accelerator import check_composition, pipeline_default_steps
 from .core.method import Method
 from .media import pipeline_outputs
 from .models import builtin_info, is_builtin, load_pipeline
-
 
 GENERIC_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -40,7 +38,7 @@ class GenerationRequest:
     negative_prompt: str | None = None
     batch_size: int = 1
     num_frames: int | None = None
-    call_options: Mapping[str, Any] = field(default_factory=dict)
+    call_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """Further pipeline arguments (a built-in's ``call_options``), passed where the pipeline takes them."""
 
     def __post_init__(self) -> None:

@@ -83,6 +83,12 @@ def test_builtin_passes_its_call_options_everywhere(tmp_path: Path) -> None:
     assert main(["generate", "--model", "digits-sd3", "--steps", "4", "--out", str(out)]) == 0 and out.exists()
 
 
+def build_builtin_flux():
+    from fastdiff.models import build_builtin
+
+    return build_builtin("tiny-flux")
+
+
 def test_finetune_adapts_the_mmdit_to_its_exits() -> None:
     """The early-exit fine-tune on a flow-matching transformer: blocks a bucket drops get no gradient."""
     from fastdiff.caching import EarlyExit
@@ -90,12 +96,15 @@ def test_finetune_adapts_the_mmdit_to_its_exits() -> None:
 
     pipe = build_digits_sd3_pipeline(0)
     method = EarlyExit(schedule=[4])  # every bucket keeps 4 of the 6 blocks
-    last = [p.detach().clone() for p in pipe.transformer.transformer_blocks[5].parameters()]
+    dropped = [p.detach().clone() for i in (4, 5) for p in pipe.transformer.transformer_blocks[i].parameters()]
     first = [p.detach().clone() for p in pipe.transformer.transformer_blocks[0].parameters()]
     images = torch.rand(6, 3, DIGITS_IMAGE_SIZE, DIGITS_IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     losses = finetune(pipe, method, images, [digit_prompt(d) for d in range(6)], steps=3, batch_size=4, lr=1e-3,
                       **DIGITS_SD3_CALL)
     assert len(losses) == 3 and all(np.isfinite(losses))
-    assert all(torch.equal(a, b) for a, b in zip(last, pipe.transformer.transformer_blocks[5].parameters()))
+    after = [p for i in (4, 5) for p in pipe.transformer.transformer_blocks[i].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(dropped, after))
     assert any(not torch.equal(a, b) for a, b in zip(first, pipe.transformer.transformer_blocks[0].parameters()))
     assert not pipe.transformer.training
+    with pytest.raises(TypeError, match="SD3-style"):
+        finetune(build_builtin_flux(), method, images, ["x"] * 6)

@@ -213,7 +213,7 @@ def test_finetune_trains_the_exited_network_only(sd_pipe):
     assert all(torch.equal(a, b) for a, b in zip(mid, sd_pipe.unet.mid_block.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(first, sd_pipe.unet.down_blocks[0].parameters()))
     assert not hasattr(sd_pipe.unet.mid_block, "_diffusers_hook") and not sd_pipe.unet.training
-    with pytest.raises(TypeError, match="Stable Diffusion-style"):
+    with pytest.raises(TypeError, match="finetune: supports"):
         finetune(object(), method, images, ["x"] * 6)
 
 

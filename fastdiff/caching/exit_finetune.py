@@ -9,6 +9,7 @@ from it; the full network at the low-noise buckets keeps training on the full de
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,11 @@ class _Objective:
     timestep ``1000·s``, the velocity ``noise - x`` as target.
     """
 
-    def __init__(self, pipe: DiffusionPipeline, vocabulary: list[str], prompt_options: dict) -> None:
+    def __init__(self, pipe: DiffusionPipeline, denoiser: torch.nn.Module, flow: bool, vocabulary: list[str],
+                 prompt_options: dict) -> None:
         self.pipe = pipe
-        self.flow = getattr(pipe, "transformer", None) is not None
-        self.denoiser = pipe.transformer if self.flow else pipe.unet
+        self.flow = flow
+        self.denoiser = denoiser
         self.total = int(pipe.scheduler.config.num_train_timesteps)
         device = self.denoiser.device
         with torch.no_grad():
@@ -104,13 +106,17 @@ def finetune(
     For text-to-image pipelines with a VAE and ``encode_prompt``: Stable Diffusion 1.x/2.x
     (UNet) and SD3-style flow-matching transformers. The text encoders stay frozen.
     """
-    flow = getattr(pipe, "transformer", None) is not None and getattr(pipe, "scheduler", None) is not None \
-        and "FlowMatch" in type(pipe.scheduler).__name__
-    denoiser = pipe.transformer if flow else getattr(pipe, "unet", None)
+    transformer = getattr(pipe, "transformer", None)
+    # SD3-style: flow matching, a transformer conditioned on pooled text, SD3's three-encoder prompt
+    # encoding (Flux and Wan encode and condition otherwise)
+    flow = transformer is not None and "FlowMatch" in type(getattr(pipe, "scheduler", None)).__name__ \
+        and "pooled_projections" in inspect.signature(transformer.forward).parameters \
+        and "prompt_3" in inspect.signature(pipe.encode_prompt).parameters
+    denoiser = transformer if flow else getattr(pipe, "unet", None)
     if denoiser is None or not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
         raise TypeError(
-            f"finetune: supports Stable Diffusion-style pipelines (unet or flow-matching transformer, vae, "
-            f"encode_prompt); got {type(pipe).__name__}"
+            f"finetune: supports Stable Diffusion 1.x/2.x-style (unet) and SD3-style (flow-matching transformer "
+            f"with pooled text) pipelines; got {type(pipe).__name__}"
         )
     if images.dim() != 4 or len(images) != len(prompts):
         raise ValueError(
@@ -128,13 +134,15 @@ def finetune(
     vocabulary = sorted(set(prompts) | {""})
     index = {p: i for i, p in enumerate(vocabulary)}
     labels = torch.tensor([index[p] for p in prompts])
-    objective = _Objective(pipe, vocabulary, dict(prompt_options))
+    objective = _Objective(pipe, denoiser, flow, vocabulary, dict(prompt_options))
     empty = index[""]
 
-    parameters = [p for p in denoiser.parameters() if p.requires_grad]
-    if not parameters:  # shipped pipelines come frozen
+    frozen = [p for p in denoiser.parameters() if not p.requires_grad]
+    if len(frozen) == len(list(denoiser.parameters())):  # a frozen model: train all of it, then freeze it again
         denoiser.requires_grad_(True)
-        parameters = list(denoiser.parameters())
+    else:
+        frozen = []
+    parameters = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     losses: list[float] = []
     was_training = denoiser.training
@@ -158,4 +166,6 @@ def finetune(
                 log(f"finetune step {step}: bucket {bucket} keeps {depths[bucket]}/{ladder.depth}, loss {losses[-1]:.4f}")
     finally:
         denoiser.train(was_training)
+        for parameter in frozen:
+            parameter.requires_grad_(False)
     return losses

@@ -44,7 +44,6 @@ class _CountDenoiserCalls(ModelHook):
         super().__init__()
         self.total = 0
         self.calls = 0
-        self._counter: FlopCounterMode | None = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         counter = total_flop_counter()

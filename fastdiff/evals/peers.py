@@ -117,25 +117,36 @@ class PeerSetting:
 class _CacheContextOpener(ModelHook):
     """Opens diffusers' cache context around each denoiser call of a pipeline that does not.
 
-    The cache hooks keep their state per context name; a new pipeline call (the timestep goes
-    up again) starts from fresh state, as ``maybe_free_model_hooks`` does for CacheMixin models.
+    The cache hooks keep their state per context name; a new pipeline call starts from fresh
+    state, as ``maybe_free_model_hooks`` does for CacheMixin models. A new call is when the
+    scheduler has not stepped yet (its ``step_index`` is None: reset once, however many denoiser
+    calls that first step makes); for schedulers that do not say, when the timestep goes up.
     """
 
     _is_stateful = False
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler: Any) -> None:
         super().__init__()
+        self.scheduler = scheduler
         self.timestep: float | None = None
+        self._fresh = False  # already reset for the call in progress
+
+    def _new_call(self, now: float | None) -> bool:
+        if hasattr(self.scheduler, "step_index"):
+            if self.scheduler.step_index is not None:
+                self._fresh = False
+                return False
+            return not self._fresh
+        return self.timestep is None or (now is not None and now > self.timestep)
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        timestep = kwargs.get("timestep")  # diffusers pipelines pass it by name
         now = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else timestep
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.invalidate_child_registries_cache()
-        if self.timestep is None or (now is not None and now > self.timestep):
-            registry.reset_stateful_hooks()
+        if self._new_call(now):
+            HookRegistry.check_if_exists_or_initialize(module).reset_stateful_hooks()
+            self._fresh = True
         self.timestep = now
         _set_cache_context(module, CacheContext("cond"))
         return args, kwargs
@@ -167,48 +178,24 @@ def _enable_diffusers_cache(pipe: DiffusionPipeline, make_config: Callable[[Call
 
     _, denoiser = find_denoiser(pipe)
     if isinstance(denoiser, CacheMixin) and _pipeline_opens_cache_context(pipe):
-        state = {"t": None}
-
-        def timestep() -> float:
-            return state["t"]
-
-        opener = _TimestepProbe(state)
-        HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(opener, "fastdiff_peer_timestep")
-        denoiser.enable_cache(make_config(timestep))
-
-        def remove() -> None:
-            denoiser.disable_cache()
-            HookRegistry.check_if_exists_or_initialize(denoiser).remove_hook("fastdiff_peer_timestep", recurse=False)
-
-        return Enabled(remove)
+        # these pipelines also keep the current timestep, in the scheduler's units
+        denoiser.enable_cache(make_config(lambda: pipe.current_timestep))
+        return Enabled(denoiser.disable_cache)
     before = _hook_names(denoiser)
-    opener = _CacheContextOpener()
+    opener = _CacheContextOpener(getattr(pipe, "scheduler", None))
     apply_fn(denoiser, make_config(lambda: opener.timestep))
-    HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(opener, "fastdiff_peer_context")
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    registry.register_hook(opener, "fastdiff_peer_context")
+    registry.invalidate_child_registries_cache()  # the context must reach the hooks just added
 
     def remove() -> None:
-        for sub, registry in list(_registries(denoiser)):
-            for name in list(registry.hooks):
+        for sub, child in list(_registries(denoiser)):
+            for name in list(child.hooks):
                 if (id(sub), name) not in before:
-                    registry.remove_hook(name, recurse=False)
+                    child.remove_hook(name, recurse=False)
+        registry.invalidate_child_registries_cache()
 
     return Enabled(remove)
-
-
-class _TimestepProbe(ModelHook):
-    """Keeps the current timestep for caches that skip within a timestep range."""
-
-    _is_stateful = False
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        timestep = kwargs.get("timestep")
-        if isinstance(timestep, torch.Tensor):
-            self.state["t"] = float(timestep.reshape(-1)[0])
-        return args, kwargs
 
 
 def _pipeline_opens_cache_context(pipe: DiffusionPipeline) -> bool:
@@ -275,7 +262,10 @@ def _timestep_ranged(pipe: DiffusionPipeline, config_class: Any, apply_fn: Any, 
 
 
 def _pab(pipe: DiffusionPipeline, options: Mapping[str, Any], context: PeerContext) -> Enabled:
-    from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+    from diffusers.hooks import (
+        PyramidAttentionBroadcastConfig,
+        apply_pyramid_attention_broadcast,
+    )
 
     return _timestep_ranged(pipe, PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast,
                             spatial_attention_block_skip_range=options["spatial"])
@@ -286,11 +276,13 @@ def _fastercache(pipe: DiffusionPipeline, options: Mapping[str, Any], context: P
 
     _, denoiser = find_denoiser(pipe)
     video = getattr(pipe, "vae_scale_factor_temporal", None) is not None
+    # no unconditional half of the batch to approximate: guidance off, or embedded in the model (Flux)
+    no_guidance_batch = (context.guidance_scale is not None and context.guidance_scale <= 1) or bool(
+        getattr(denoiser.config, "guidance_embeds", False))
     return _timestep_ranged(
         pipe, FasterCacheConfig, apply_faster_cache, spatial_attention_block_skip_range=options["spatial"],
         unconditional_batch_skip_range=options["uncond"], tensor_format="BCFHW" if video else "BCHW",
-        # without classifier-free guidance there is no unconditional half of the batch to approximate
-        is_guidance_distilled=context.guidance_scale is None or context.guidance_scale <= 1,
+        is_guidance_distilled=no_guidance_batch,
     )
 
 
@@ -310,8 +302,9 @@ def _import_cache_dit() -> Any:
     import cache_dit
 
     diffusers_logging.set_verbosity(verbosity)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
+    for name in list(logging.root.manager.loggerDict):
+        if not name.startswith("cache_dit"):  # its own loggers keep their settings
+            logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
     return cache_dit
 
 
@@ -325,7 +318,11 @@ def _dbcache(pipe: DiffusionPipeline, options: Mapping[str, Any], context: PeerC
     )
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=options["order"]) if taylorseer else None
     with _quiet_cache_dit():
-        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        try:
+            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        except Exception:
+            cache_dit.disable_cache(pipe)  # it patches the pipeline's class: never leave that half done
+            raise
 
     def remove() -> None:
         with _quiet_cache_dit():

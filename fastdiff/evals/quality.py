@@ -24,10 +24,10 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..cli_checks import one_line
-from ..core.progress import pipeline_bar_off, plural, progress_bar
 from ..core.accelerator import apply, find_denoiser
 from ..core.method import Method
-from ..runner import GenerationRequest, call_kwargs
+from ..core.progress import pipeline_bar_off, plural, progress_bar
+from ..runner import CALIBRATION_SEED, GenerationRequest
 from .bench import psnr
 from .fid import FrechetAccumulator, load_extractor
 from .fidelity import batch_call_kwargs
@@ -133,8 +133,6 @@ class _Run:
 def _calibration_requests(steps: int, guidance_scale: float | None, size: int | None,
                           call_options: Mapping[str, Any]) -> list[GenerationRequest]:
     """The ten digit prompts on seeds no evaluated image uses: what peers calibrate on."""
-    from ..runner import CALIBRATION_SEED
-
     prompts, _ = _prompts_and_labels(10)
     return [GenerationRequest(prompt=prompt, steps=steps, seed=CALIBRATION_SEED + i, height=size, width=size,
                               guidance_scale=guidance_scale, call_options=call_options)
@@ -264,6 +262,7 @@ def evaluate_quality(
                         images, elapsed = _generate(target, requests, batch_size, bar, call)
                     if run.peer is not None:  # peers decide per batch (adaptive thresholds): count the first
                         flops = denoiser_flops(target, [], requests[:batch_size], call)
+                target = call = None  # a peer's copy goes before the next one is made
                 if run.peer is None:  # fastdiff's plans do not depend on the images: one is enough
                     flops = denoiser_flops(pipe, run.methods, requests[0])
             except Exception as exc:  # noqa: BLE001 - a peer that fails on this pipeline is reported, not fatal
