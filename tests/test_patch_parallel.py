@@ -398,6 +398,7 @@ def test_transformers_compose_with_caching_and_early_exit(shared_runs):
                 assert np.abs(rank_results[(name, label)] - single).max() <= 1e-5, (name, label)
 
 
+@pytest.mark.slow  # two full bench runs in processes; the CLI's parallel checks stay in the default run
 def test_bench_parallel_compares_with_one_process(tmp_path, capsys):
     import json
 

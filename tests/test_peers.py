@@ -118,6 +118,7 @@ def test_harness_scores_peers_and_lists_those_that_cannot_run(sd3):
     assert _hooks(sd3.transformer) == []  # peers ran on copies
 
 
+@pytest.mark.slow  # two quality runs on the UNet
 def test_authors_deepcache_release_equals_fastdiffs_deepcache():
     pipe = build_builtin("digits")
     pipe.set_progress_bar_config(disable=True)
