@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "which must include one patch:... method, and each --variant)")
     parallel.add_argument("--threads", type=int_at_least(1), default=None,
                           help="torch threads per process (equal compute per process)")
-    quality = bench.add_argument_group("quality (digits model)")
+    quality = bench.add_argument_group("quality (digits models: digits, digits-sd3)")
     quality.add_argument("--quality", action="store_true",
                          help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
     quality.add_argument("--variant", type=_variant, action="append", default=[], metavar="SPEC[+SPEC]",
