@@ -19,6 +19,7 @@ from diffusers.hooks import ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clock import StepClock, steps_announced
+from .flops import total_flop_counter
 from .forecast import FORECASTS
 from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, InstalledHook, ReuseHook, install_hook, uninstall_hook
 from .ledger import Ledger, ModuleEvent, Report
@@ -323,7 +324,7 @@ class Accelerator:
         operators are hidden from every FLOP counter in effect, the ledger's and any a caller put
         around the pipeline, so the measurement never shows up as work run. Hooked modules record
         their own vanilla cost under ``key`` on the way (what a SKIP there saves)."""
-        counter = FlopCounterMode(display=False, depth=0)
+        counter = total_flop_counter()
         self.measuring, self._shadow_counter = key, counter
         try:
             with _hidden_from_flop_counters(), torch.no_grad(), counter:
@@ -333,7 +334,7 @@ class Accelerator:
         return counter.get_total_flops()
 
     def flop_counter(self) -> FlopCounterMode | None:
-        self._counter = FlopCounterMode(display=False, depth=0) if self.count_flops else None
+        self._counter = total_flop_counter() if self.count_flops else None
         return self._counter
 
     def record_comm(self, kind: str, sent: int, received: int, seconds: float) -> None:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.accelerator import apply
+from ..core.flops import total_flop_counter
 from ..core.ledger import Report
 from ..core.method import Method
 from ..core.progress import pipeline_bar_off, plural, progress_bar
@@ -112,7 +112,7 @@ def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: Genera
     passes are hidden from the counter here, so the total is the work the call really did)."""
     accelerator = apply(pipe, *methods, count_flops=True)
     try:
-        with FlopCounterMode(display=False, depth=0) as counter:
+        with total_flop_counter() as counter:
             pipe(**call_kwargs(pipe, request), output_type="np")
         report = accelerator.report()
     finally:

@@ -1,10 +1,8 @@
 """Denoiser FLOPs of a pipeline call, counted the same way whatever accelerates it.
 
-torch's FlopCounterMode counts every matmul, convolution and attention by its shape; run around
-each denoiser call (a hook on the denoiser, outermost), it counts exactly the work that was
-done, whether fastdiff's plan, a diffusers cache or cache-dit decided to skip the rest. Its
-per-module breakdown is switched off: it walks the module tree by name, which loops on the
-cyclic module graphs some caches build, and only the total is wanted here.
+fastdiff's FLOP counter run around each denoiser call (a hook on the denoiser, outermost)
+counts exactly the work that was done, whether fastdiff's plan, a diffusers cache or cache-dit
+decided to skip the rest.
 """
 
 from __future__ import annotations
@@ -14,27 +12,10 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from torch.utils.flop_counter import FlopCounterMode
+
+from ..core.flops import total_flop_counter
 
 HOOK_NAME = "fastdiff_flop_count"
-
-
-class _NoModuleBreakdown:
-    """Stands in for FlopCounterMode's module tracker: every count goes to the total only."""
-
-    parents = frozenset({"Global"})
-
-    def __enter__(self) -> _NoModuleBreakdown:
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        return None
-
-
-def total_flop_counter() -> FlopCounterMode:
-    counter = FlopCounterMode(display=False, depth=0)
-    counter.mod_tracker = _NoModuleBreakdown()  # type: ignore[assignment]
-    return counter
 
 
 class _CountDenoiserCalls(ModelHook):
