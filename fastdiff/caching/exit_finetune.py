@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
+from ..core.objectives import noise_prediction_loss, velocity_loss
 from .exit_ladder import exit_ladder, exiting
 
 if TYPE_CHECKING:
@@ -68,18 +68,10 @@ class _Objective:
         clean, noise, ids = clean.to(device), noise.to(device), ids.to(device)
         if self.flow:
             sigmas = (low + (high - low) * torch.rand(batch, generator=generator)) / self.total
-            s = sigmas.to(device).view(-1, 1, 1, 1)
-            prediction = self.denoiser(hidden_states=(1 - s) * clean + s * noise,
-                                       encoder_hidden_states=self.embeds[ids], pooled_projections=self.pooled[ids],
-                                       timestep=sigmas.to(device) * self.total).sample
-            return F.mse_loss(prediction.float(), (noise - clean).float())
-        scheduler = self.pipe.scheduler
+            return velocity_loss(self.denoiser, clean, noise, sigmas.to(device), self.embeds[ids], self.pooled[ids],
+                                 self.total)
         timesteps = torch.randint(low, high, (batch,), generator=generator).to(device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        target = (scheduler.get_velocity(clean, noise, timesteps)
-                  if scheduler.config.prediction_type == "v_prediction" else noise)
-        prediction = self.denoiser(noisy, timesteps, self.embeds[ids]).sample
-        return F.mse_loss(prediction.float(), target.float())
+        return noise_prediction_loss(self.denoiser, self.pipe.scheduler, clean, noise, timesteps, self.embeds[ids])
 
 
 def finetune(

@@ -27,6 +27,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
+from ..core.objectives import noise_prediction_loss, velocity_loss
 from .digits import (
     DIGITS_FEATURES_FILE,
     DIGITS_GUIDANCE_SCALE,
@@ -171,8 +172,7 @@ def _train_denoiser(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         clean, noise, timesteps, prompt_ids = (t.to(device) for t in (clean, noise, timesteps, prompt_ids))
         embeds, _ = pipe.encode_prompt(prompts, device, 1, do_classifier_free_guidance=False)
-        prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, embeds[prompt_ids]).sample
-        return F.mse_loss(prediction, noise)
+        return noise_prediction_loss(unet, scheduler, clean, noise, timesteps, embeds[prompt_ids])
 
     _fit([unet, text_encoder], batch_loss, steps=steps, lr=lr, label="unet", log=log)
 
@@ -268,10 +268,7 @@ def _train_flow_transformer(
         clean, noise, sigmas, prompt_ids = (t.to(device) for t in (clean, noise, sigmas, prompt_ids))
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False, **call)
-        s = sigmas.view(-1, 1, 1, 1)
-        prediction = transformer(hidden_states=(1 - s) * clean + s * noise, encoder_hidden_states=embeds[prompt_ids],
-                                 pooled_projections=pooled[prompt_ids], timestep=sigmas * train_steps).sample
-        return F.mse_loss(prediction, noise - clean)
+        return velocity_loss(transformer, clean, noise, sigmas, embeds[prompt_ids], pooled[prompt_ids], train_steps)
 
     _fit([transformer, pipe.text_encoder, pipe.text_encoder_2], batch_loss, steps=steps, lr=lr, label="transformer",
          log=log)
