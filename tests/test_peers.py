@@ -101,14 +101,16 @@ def test_a_peer_runs_repeatably_and_leaves_nothing_behind(sd3, spec):
 
 
 def test_harness_scores_peers_and_lists_those_that_cannot_run(sd3):
-    peers = parse_peer("pab:spatial=2") + parse_peer("fbc:threshold=0.1") + parse_peer("deepcache-release:interval=2")
+    peers = (parse_peer("pab:spatial=2") + parse_peer("magcache:threshold=0.5,retention=0.1")
+             + parse_peer("fbc:threshold=0.1") + parse_peer("deepcache-release:interval=2"))
     report = evaluate_quality(sd3, {"dc": [fastdiff.DeepCache(interval=2)]}, steps=8, baseline_steps=[4], samples=4,
                               batch_size=4, guidance_scale=1.0, size=8, model="digits-sd3", call_options=DIGITS_SD3_CALL,
                               peers=peers, seed_noise=True, show_progress=False)
     assert [(p.label, p.kind) for p in report.points] == [
         ("vanilla", "vanilla"), ("vanilla 4 steps", "vanilla"), (SEED_CHECK, "vanilla"), ("dc", "method"),
-        ("pab:spatial=2", "peer")]
-    vanilla, _, seeds, _, pab = report.points
+        ("pab:spatial=2", "peer"), ("magcache:threshold=0.5,max_skip=3,retention=0.1", "peer")]
+    vanilla, _, seeds, _, pab, magcache = report.points
+    assert magcache.denoiser_gflops_per_image < vanilla.denoiser_gflops_per_image  # calibrated, then skipping
     assert seeds.fid_vs_reference is None and report.seed_noise == pytest.approx(abs(seeds.fid_real - vanilla.fid_real))
     assert pab.methods == ["pab:spatial=2"] and math.isfinite(pab.psnr_vs_reference)
     assert pab.denoiser_gflops_per_image < vanilla.denoiser_gflops_per_image

@@ -130,15 +130,6 @@ class _Run:
                 accelerator.remove()
 
 
-def _calibration_requests(steps: int, guidance_scale: float | None, size: int | None,
-                          call_options: Mapping[str, Any]) -> list[GenerationRequest]:
-    """The ten digit prompts on seeds no evaluated image uses: what peers calibrate on."""
-    prompts, _ = _prompts_and_labels(10)
-    return [GenerationRequest(prompt=prompt, steps=steps, seed=CALIBRATION_SEED + i, height=size, width=size,
-                              guidance_scale=guidance_scale, call_options=call_options)
-            for i, prompt in enumerate(prompts)]
-
-
 def _prompts_and_labels(samples: int) -> tuple[list[str], list[int]]:
     from ..models.digits import digit_prompt
 
@@ -250,8 +241,10 @@ def evaluate_quality(
     runs += [_Run(name, (variant_steps or {}).get(name, steps), methods=list(methods))
              for name, methods in variants.items()]
     runs += [_Run(setting.spec(), steps, peer=setting) for setting in peers]
-    context = PeerContext(steps, guidance_scale, calibrate=lambda p: p(**batch_call_kwargs(
-        p, _calibration_requests(steps, guidance_scale, size, call_options or {})), output_type="np"))
+    # peers that calibrate (MagCache) do so on the ten digit prompts, on seeds no scored image uses
+    calibration = _requests(10, CALIBRATION_SEED, steps, guidance_scale, size, call_options or {})
+    context = PeerContext(steps, guidance_scale,
+                          calibrate=lambda p: p(**batch_call_kwargs(p, calibration), output_type="np"))
     reference: tuple[torch.Tensor, torch.Tensor] | None = None  # images, features
     with pipeline_bar_off(pipe):
         for run in runs:
