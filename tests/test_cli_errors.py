@@ -108,6 +108,7 @@ CASES = [
     (["bench", "--quality", "--peer", "all:threshold=1"], "--peer"),
     (["bench", "--peer", "fbc"], "--peer"),
     (["bench", "--seed-noise"], "--seed-noise"),
+    (["bench", "--parallel", "2", "--threads", "1", "--method", "patch", "--variant", "patch@3"], "@steps only with --quality"),
     (["bench", "--quality", "--model", "tiny-sd3", "--peer", "fbc"], "--quality"),
     (["bench", "--parallel", "1", "--method", "patch"], "--parallel"),
     (["bench", "--parallel", "64", "--method", "patch"], "--parallel"),

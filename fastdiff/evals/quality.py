@@ -166,7 +166,7 @@ def _generate(pipe: DiffusionPipeline, requests: list[GenerationRequest], batch_
 
 
 def denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest | Sequence[GenerationRequest],
-                   call: Callable[..., Any] | None = None) -> float:
+                   call: Callable[..., Any] | None = None, bar: Any = None) -> float:
     """Denoiser FLOPs per image, counted in an untimed call (of one image or of a batch).
 
     The counter is the same for everyone: torch's FlopCounterMode around every denoiser call
@@ -176,7 +176,8 @@ def denoiser_flops(pipe: DiffusionPipeline, methods: Sequence[Method], request: 
     try:
         kwargs = batch_call_kwargs(pipe, requests)
         _, denoiser = find_denoiser(pipe)
-        total, _ = count_denoiser_flops(denoiser, lambda: (call or pipe)(**kwargs, output_type="np"))
+        total = count_denoiser_flops(denoiser, lambda: (call or pipe)(**kwargs, output_type="np"),
+                                     None if bar is None else lambda: bar.update(1))
         return total / len(requests)
     finally:
         if accelerator is not None:
@@ -254,7 +255,9 @@ def evaluate_quality(
                     with progress_bar(total=samples, desc=run.description, unit="img", enabled=show_progress) as bar:
                         images, elapsed = _generate(target, requests, batch_size, bar, call)
                     if run.peer is not None:  # peers decide per batch (adaptive thresholds): count the first
-                        flops = denoiser_flops(target, [], requests[:batch_size], call)
+                        with progress_bar(total=run.steps, desc=f"{run.label}: counting FLOPs", unit="step",
+                                          enabled=show_progress) as bar:
+                            flops = denoiser_flops(target, [], requests[:batch_size], call, bar)
                 target = call = None  # a peer's copy goes before the next one is made
                 if run.peer is None:  # fastdiff's plans do not depend on the images: one is enough
                     flops = denoiser_flops(pipe, run.methods, requests[0])
