@@ -9,7 +9,7 @@ from typing import Any
 
 from .cli_checks import UsageError, check_output_file, float_range, int_at_least, one_line
 from .models.pydoc_text import PYDOC_MDLM_NAME
-from .schedulers.masked_diffusion import ALIASES, SAMPLERS
+from .schedulers.discrete_diffusion import ALIASES, SAMPLERS
 
 DEFAULT_TEXT_MODEL = PYDOC_MDLM_NAME
 

@@ -175,7 +175,7 @@ def test_bad_input(bert, tokenizer, vocab_file):
         pipe("a", gen_length=8, sampler="beam")
     no_mask = BertTokenizer(vocab_file)
     no_mask.mask_token = None
-    with pytest.raises(ValueError, match="mask_token_id: the tokenizer has no mask token"):
+    with pytest.raises(ValueError, match="mask_token_id: .* and its tokenizer have no mask token.*corruption=.mask."):
         make(Oracle(TARGET, len(tokenizer)), no_mask)
     assert make(Oracle(TARGET, len(tokenizer)), no_mask, mask_token_id=4).interface.mask_token_id == 4
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
@@ -279,3 +279,75 @@ def test_kv_caches(bert, tokenizer):
     oracle = make(Oracle(TARGET, len(tokenizer)), tokenizer)
     with pytest.raises(ValueError, match="kv_cache needs a model whose attention layers fill a transformers Cache"):
         oracle(input_ids=torch.tensor([[5]]), gen_length=6, block_length=3, steps=4, kv_cache="prefix")
+
+
+def test_delayed_kv_cache(bert, tokenizer):
+    """dKV-Cache: refreshed every step it is exact; a cached step on an unchanged canvas recomputes
+    only the masks, with the full model's logits there; decoded tokens are recomputed once, then cached."""
+    from fastdiff.pipelines.text_cache import DelayedCache
+
+    pipe = make(bert, tokenizer)
+    prompts = ["a b c", "q r s t u v"]
+    plain = pipe(prompts, gen_length=12, block_length=4, steps=12)
+    assert torch.equal(pipe(prompts, gen_length=12, block_length=4, steps=12, kv_cache="dkv",
+                            kv_refresh=1).sequences, plain.sequences)
+    cached = pipe(prompts, gen_length=12, steps=12, kv_cache="dkv", kv_refresh=4)
+    assert not bool((cached.sequences == tokenizer.mask_token_id).any()) and cached.nfe == 12
+    ids, mask = pipe._encode(prompts, None, None)
+    canvas = torch.cat([ids, torch.full((2, 6), tokenizer.mask_token_id)], dim=1)
+    attention = torch.cat([mask, torch.ones(2, 6, dtype=torch.long)], dim=1)
+    calls = []
+
+    def forward(i, a, **kw):
+        calls.append(i.shape[1])
+        return pipe.interface.logits(bert, i, a, None, **kw)
+
+    positions = pipe.interface.positions(attention)
+    cache = DelayedCache(canvas.shape[1], shifted=False, refresh=8, mask_id=tokenizer.mask_token_id)
+    full = cache.refresh(forward, canvas, attention)
+    stepped = cache.step(forward, canvas, attention, positions)
+    assert calls[-1] == 6 and torch.allclose(stepped, full, atol=1e-5)
+    decoded = canvas.clone()
+    decoded[:, -6] = 7
+    cache.step(forward, decoded, attention, positions)
+    assert calls[-1] == 6  # the just-decoded token once more (with its value), and the 5 masks
+    cache.step(forward, decoded, attention, positions)
+    assert calls[-1] == 5  # from now on its keys/values come from the cache
+    with pytest.raises(ValueError, match="kv_refresh must be an integer >= 1"):
+        pipe("a", gen_length=8, kv_cache="dkv", kv_refresh=0)
+
+
+def test_editing_and_uniform_noise_on_a_bidirectional_model(tokenizer):
+    oracle = Oracle(TARGET, len(tokenizer))
+    pipe = make(oracle, tokenizer)
+    # every decoded token the oracle disagrees with is replaced once all masks are resolved
+    wrong = torch.full((1, 6), 5)
+    ids = torch.tensor([[1, 2, 3]])
+
+    def corrupt(p, step, canvas):
+        if step == 0:
+            canvas[:, 3:5] = wrong[:, :2]  # as if two tokens had been decoded wrongly
+
+    editing = MaskedDiffusionScheduler(sampler="low-confidence", editing_threshold=0.9)
+    out = pipe(input_ids=ids, gen_length=6, steps=6, sampler=editing, callback_on_step_end=corrupt)
+    assert out.sequences.tolist() == [TARGET]
+    unedited = pipe(input_ids=ids, gen_length=6, steps=6, callback_on_step_end=corrupt)
+    assert unedited.sequences[0, :2].tolist() == [5, 5]
+    # the same model with uniform noise: the canvas starts random and ends at the oracle's target
+    from fastdiff.schedulers import DiscreteDiffusionScheduler
+
+    for sampler in ("low-confidence", "threshold", "posterior"):
+        uniform = DiscreteDiffusionScheduler(corruption="uniform", sampler=sampler, temperature=0.0,
+                                             noise_schedule="linear")
+        out = pipe(input_ids=ids, gen_length=6, steps=6, sampler=uniform, generator=torch.Generator().manual_seed(0))
+        assert out.sequences.tolist() == [TARGET], sampler
+
+
+def test_posterior_sampler_with_guidance_in_the_pipeline(tokenizer):
+    """``cfg_scale`` with the exact posterior guides the reverse step (one batched call per step)."""
+    pipe = make(Oracle(TARGET, len(tokenizer)), tokenizer)
+    ids = torch.tensor([[1, 2, 3]])
+    posterior = MaskedDiffusionScheduler(sampler="posterior", temperature=0.0, noise_schedule="linear")
+    out = pipe(input_ids=ids, gen_length=6, steps=6, sampler=posterior, cfg_scale=1.5,
+               generator=torch.Generator().manual_seed(0))
+    assert out.sequences.tolist() == [TARGET] and out.nfe <= 6

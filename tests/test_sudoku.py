@@ -66,3 +66,15 @@ def test_a_sudoku_string_must_be_81_cells_of_0_to_9(text, message):
     with pytest.raises(ValueError, match=message):
         parse_sudoku(text, "--puzzle")
     assert parse_sudoku("\n".join(["0" * 9] * 9)) == [0] * CELLS
+
+
+def test_singles_yardstick():
+    from fastdiff.models.sudoku import solved_by_singles
+
+    rng = random.Random(3)
+    grid = random_grid(rng)
+    easy = list(grid)
+    for cell in rng.sample(range(81), 10):  # ten blanks: each is a naked single
+        easy[cell] = 0
+    assert solved_by_singles(easy)
+    assert not solved_by_singles([0] * 81)  # many solutions: no single anywhere

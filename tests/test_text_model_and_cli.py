@@ -80,11 +80,18 @@ def test_text_bench_counts_calls_and_compares_caches(saved_pipe, tmp_path, capsy
 
     path = tmp_path / "bench.json"
     assert text_bench.main(["--model", str(saved_pipe), "--gen-length", "16", "--prompts", "2",
-                            "--reuse-steps", "60", "--cache-block", "8", "--confidence", "--json", str(path)]) == 0
+                            "--reuse-steps", "60", "--cache-block", "8", "--confidence", "--infill", "2",
+                            "--json", str(path)]) == 0
     record = json.loads(path.read_text())
-    one_per_step, *thresholds, quarter = record["samplers"]
+    one_per_step, margin, *thresholds, bound_1, bound_3, quarter, margin_quarter = record["samplers"]
     assert one_per_step["mean_nfe"] == one_per_step["mean_steps"] == 16 and quarter["mean_steps"] == 4
+    assert margin["mean_steps"] == 16 and margin_quarter["mean_steps"] == 4
     assert [r["sampler"] for r in thresholds] == [f"threshold:threshold={x}" for x in (0.9, 0.5, 0.2, 0.1)]
+    assert bound_1["mean_nfe"] >= bound_3["mean_nfe"] >= 1
+    infill = record["infill"]
+    assert len(infill) == len(record["samplers"]) and all(row["windows"] == 2 and row["span"] == 32 for row in infill)
+    assert infill[0]["mean_calls"] == 32 and infill[-1]["mean_calls"] == 8  # one token per step; 16 / 4 → 32 / 8
+    assert all(0 <= row["infill_accuracy"] <= 100 for row in infill)
     assert all(1 <= r["mean_nfe"] <= 16 and r["elbo_perplexity"] > 1 for r in thresholds)
     reuse = record["reuse"]
     # plain sampling calls the model at every step until no mask is left (it may finish a step early)
@@ -94,7 +101,7 @@ def test_text_bench_counts_calls_and_compares_caches(saved_pipe, tmp_path, capsy
     caches = record["kv_cache"]
     assert caches["none"]["token_agreement"] == 1.0
     assert all(2 <= caches[m]["mean_nfe"] <= 16 and 0 <= caches[m]["token_agreement"] <= 1
-               for m in ("none", "prefix", "dual"))  # at least one call per block
+               for m in ("none", "prefix", "dual", "dkv"))  # at least one call per block
     assert "ELBO ppl" in capsys.readouterr().out
     assert text_bench.distinct_ngrams([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(4 / 5)
     assert record["seeds"] == [0] and "samplers_per_seed" not in record

@@ -4,7 +4,9 @@ Quality is the model's own ELBO-based perplexity of the generated tokens given t
 generated position is masked with probability t and the masked cross-entropy is weighted by 1/t
 (the linear-schedule bound the model was trained on), averaged over many draws. Lower is better.
 The model judges its own samples, which favours its modes (greedy text scores well), so the
-report also gives the share of distinct 4-grams, where repetitive text scores low.
+report also gives the share of distinct 4-grams, where repetitive text scores low, and
+(``--infill``) a measure the model does not grade: a span cut from held-out text, filled by each
+sampler, compared with the original tokens.
 
     python -m fastdiff.evals.text_bench --gen-length 128 --prompts 8
 """
@@ -167,7 +169,7 @@ def reuse_check(model: str, prompts: Sequence[str], gen_length: int, steps: int,
 
 def cache_check(model: str, prompts: Sequence[str], gen_length: int, block_length: int, sampler: str,
                 seed: int = 0) -> dict[str, Any]:
-    """Fast-dLLM's key/value caches against the uncached pipeline, on the same prompts and seeds:
+    """Fast-dLLM's key/value caches and dKV-Cache against the uncached pipeline, on the same prompts and seeds:
     the share of generated tokens that agree, sample quality and wall time (the model is called
     as often either way; a cached call computes fewer positions)."""
     from ..pipelines import MaskedDiffusionLMPipeline
@@ -176,7 +178,7 @@ def cache_check(model: str, prompts: Sequence[str], gen_length: int, block_lengt
     pipe.set_progress_bar_config(disable=True)
     record: dict[str, Any] = {"sampler": sampler, "gen_length": gen_length, "block_length": block_length}
     reference: list[torch.Tensor] = []
-    for mode in (None, "prefix", "dual"):
+    for mode in (None, "prefix", "dual", "dkv"):
         agree, nfes, perplexities, seconds = [], [], [], 0.0
         for i, prompt in enumerate(prompts):
             started = time.perf_counter()
@@ -195,6 +197,41 @@ def cache_check(model: str, prompts: Sequence[str], gen_length: int, block_lengt
     return record
 
 
+@torch.no_grad()
+def infill_check(model: str, samplers: dict[str, tuple[str, int | None]], gen_length: int, windows: int = 32,
+                 span: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out infilling: a span of ``span`` tokens cut from the middle of each of the first
+    ``windows`` validation windows (192 tokens or the model's length, never trained on) is filled by each sampler; the
+    share of tokens equal to the original text is a quality measure the model does not grade
+    itself. Step counts are scaled from ``gen_length`` to ``span``."""
+    from ..models.pydoc_text import SEQUENCE_LENGTH, corpus, token_stream
+    from ..pipelines import MaskedDiffusionLMPipeline
+    from ..schedulers.fill import fill_masks
+
+    pipe = MaskedDiffusionLMPipeline.from_pretrained(model)
+    stream = token_stream(pipe.tokenizer, corpus()[1])
+    width = min(SEQUENCE_LENGTH, pipe._max_length() or SEQUENCE_LENGTH)  # a smaller model: shorter windows
+    span = min(span, width // 2)
+    count = min(windows, len(stream) // width)
+    original = stream[:count * width].reshape(count, width)
+    start = (width - span) // 2
+    cut = original.clone()
+    cut[:, start:start + span] = pipe.interface.mask_token_id
+    rows = []
+    for label, (sampler, steps) in samplers.items():
+        scheduler = pipe._scheduler_for(sampler, {})
+        scaled = None if steps is None or steps >= gen_length else max(1, round(steps * span / gen_length))
+        began = time.perf_counter()
+        filled, calls = fill_masks(lambda ids: pipe.interface.logits(pipe.model, ids, None, None), cut, scheduler,
+                                   scaled, torch.Generator().manual_seed(seed))
+        right = (filled[:, start:start + span] == original[:, start:start + span]).double().mean()
+        rows.append({"label": label, "sampler": sampler, "steps": scaled or span, "windows": count, "span": span,
+                     "mean_calls": round(float(calls.double().mean()), 2),
+                     "infill_accuracy": round(100 * float(right), 2),
+                     "seconds": round(time.perf_counter() - began, 2)})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.evals.text_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="pydoc-mdlm")
@@ -211,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="decode every sampler in semi-autoregressive blocks of this many tokens "
                              "(default: one block)")
     parser.add_argument("--sampler", action="append", default=None, metavar="LABEL=SAMPLER[@STEPS]",
-                        help="repeatable; default: low-confidence with one token per step and with gen-length/4 "
-                             "steps, threshold 0.9, 0.5, 0.2, 0.1")
+                        help="repeatable; default: low-confidence and margin with one token per step and with "
+                             "gen-length/4 steps, threshold 0.9, 0.5, 0.2, 0.1, entropy bound 1 and 3 (greedy)")
     parser.add_argument("--reuse-steps", type=int, default=1000,
                         help="also run MDLM ancestral sampling with this many steps, with and without reuse (0: skip)")
     parser.add_argument("--cache-block", type=int, default=0,
@@ -223,17 +260,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--confidence", action="store_true",
                         help="also measure the model's confidence at masked positions of held-out pydoc text "
                              "with 95%% of the tokens visible")
+    parser.add_argument("--infill", type=int, default=0, metavar="WINDOWS",
+                        help="also fill a 32-token span cut from the middle of this many held-out windows with "
+                             "every compared sampler and report the share of original tokens recovered (0: skip)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     n = args.gen_length
     samplers: dict[str, tuple[str, int | None]] = {
         "low-confidence, 1 token/step": ("low-confidence", n),
+        "margin, 1 token/step": ("margin", n),
         "threshold 0.9 (Fast-dLLM)": ("threshold:threshold=0.9", None),
         "threshold 0.5": ("threshold:threshold=0.5", None),
         "threshold 0.2": ("threshold:threshold=0.2", None),
         "threshold 0.1": ("threshold:threshold=0.1", None),
+        "entropy bound 1": ("entropy-bound:entropy_bound=1,temperature=0", None),
+        "entropy bound 3": ("entropy-bound:entropy_bound=3,temperature=0", None),
         f"low-confidence, {max(n // 4, 1)} steps": ("low-confidence", max(n // 4, 1)),
+        f"margin, {max(n // 4, 1)} steps": ("margin", max(n // 4, 1)),
     }
     if args.sampler:
         samplers = {}
@@ -273,6 +317,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["kv_cache"] = cache_check(args.model, default_prompts(args.prompts), n, args.cache_block,
                                          args.cache_sampler, args.seed)
         print(json.dumps(record["kv_cache"]))
+    if args.infill:
+        record["infill"] = infill_check(args.model, samplers, n, args.infill, seed=args.seed)
+        print(f"{'infilling, 32 of 192 tokens':34} {'model calls':>11} {'tokens right %':>15}")
+        for row in record["infill"]:
+            print(f"{row['label']:34} {row['mean_calls']:>11.1f} {row['infill_accuracy']:>15.2f}")
     if args.confidence:
         from ..pipelines import MaskedDiffusionLMPipeline
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from ..core.objectives import masked_diffusion_loss, optimizer_step
 
 PYDOC_MDLM_NAME = "pydoc-mdlm"
 PYDOC_MDLM_DIR = Path(__file__).parent / "weights" / PYDOC_MDLM_NAME
@@ -113,26 +114,6 @@ def build_model(tokenizer: Any, seed: int = 0, hidden: int = HIDDEN, layers: int
     return RoFormerForMaskedLM(config)
 
 
-def masked_diffusion_loss(model: torch.nn.Module, batch: torch.Tensor, mask_id: int, generator: torch.Generator,
-                          elbo: bool = True) -> torch.Tensor:
-    """MDLM's negative ELBO per token for the linear schedule (masked cross-entropy weighted by
-    1/t), with antithetic times. ``elbo=False``: the plain mean cross-entropy of the masked tokens,
-    which has the same minimiser but far less variance (the 1/t weight makes a few nearly clean
-    sequences dominate a small batch); used for training."""
-    size = batch.shape[0]
-    offset = torch.rand((), generator=generator)
-    t = ((offset + torch.arange(size) / size) % 1.0).clamp_min(1e-3)
-    masked = torch.rand(batch.shape, generator=generator) < t.unsqueeze(1)
-    t, masked = t.to(batch.device), masked.to(batch.device)  # drawn on the CPU: the same draws on any device
-    noisy = torch.where(masked, torch.full_like(batch, mask_id), batch)
-    logits = model(noisy).logits.float()
-    logits[..., mask_id] = float("-inf")  # the mask is never a prediction
-    loss = F.cross_entropy(logits.transpose(1, 2), batch, reduction="none")
-    if not elbo:  # each sequence's mean over its masked tokens: every noise level weighs the same
-        return ((loss * masked).sum(1) / masked.sum(1).clamp_min(1)).mean()
-    return (loss * masked / t.unsqueeze(1)).sum() / batch.numel()
-
-
 def _windows(stream: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - SEQUENCE_LENGTH, (count,), generator=generator)
     return torch.stack([stream[s:s + SEQUENCE_LENGTH] for s in starts.tolist()])
@@ -159,12 +140,8 @@ def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
     for step in range(steps):
         loss = masked_diffusion_loss(model, _windows(stream, batch_size, generator).to(device), mask_id, generator,
                                      elbo=False)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        running.append(optimizer_step(model, optimizer, loss))
         schedule.step()
-        running.append(float(loss.detach()))
         if (step + 1) % 100 == 0:
             log(f"step {step + 1}/{steps}: loss {sum(running) / len(running):.3f} "
                 f"({time.perf_counter() - started:.0f} s)")

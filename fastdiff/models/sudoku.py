@@ -106,6 +106,34 @@ def solutions(puzzle: Sequence[int], limit: int = 2) -> list[list[int]]:
     return found
 
 
+UNITS = tuple(tuple(r * 9 + c for c in range(9)) for r in range(9)) + \
+    tuple(tuple(r * 9 + c for r in range(9)) for c in range(9)) + \
+    tuple(tuple((b // 3 * 3 + r) * 9 + b % 3 * 3 + c for r in range(3) for c in range(3)) for b in range(9))
+
+
+def solved_by_singles(puzzle: Sequence[int]) -> bool:
+    """Whether naked singles (a cell with one candidate) and hidden singles (a digit with one
+    place in a row, column or box), applied until neither applies, fill the grid: the easiest
+    technique, a yardstick of how hard a set of puzzles is."""
+    grid = list(puzzle)
+    progress = True
+    while progress:
+        progress = False
+        for cell in range(CELLS):
+            if grid[cell] == 0:
+                options = _candidates(grid, cell)
+                if options.bit_count() == 1:
+                    grid[cell], progress = options.bit_length() - 1, True
+        for unit in UNITS:
+            for digit in DIGITS:
+                if any(grid[c] == digit for c in unit):
+                    continue
+                places = [c for c in unit if grid[c] == 0 and _candidates(grid, c) >> digit & 1]
+                if len(places) == 1:
+                    grid[places[0]], progress = digit, True
+    return all(grid) and is_valid_solution(grid, puzzle)
+
+
 def random_grid(rng: random.Random) -> list[int]:
     """A full valid grid by randomised backtracking from an empty one."""
     found: list[list[int]] = []

@@ -16,7 +16,10 @@ from diffusers import DiffusionPipeline
 
 from ..core.accelerator import Accelerator, apply
 from ..core.method import Method
-from .masked_diffusion_lm import MaskedDiffusionLMPipeline, MaskedDiffusionLMPipelineOutput
+from .masked_diffusion_lm import (
+    MaskedDiffusionLMPipeline,
+    MaskedDiffusionLMPipelineOutput,
+)
 
 __all__ = ["AcceleratedPipelineMixin", "MaskedDiffusionLMPipeline", "MaskedDiffusionLMPipelineOutput", "drop_in"]
 
@@ -80,14 +83,28 @@ def _float32() -> Any:
     return torch.float32
 
 
+def _accepting_past_key_values(base: type) -> dict[str, Any]:
+    """diffusers' DiffusionGemmaPipeline on transformers 5.24 (see ``accept_past_key_values``); the
+    signature stays the base class's, which diffusers reads to find the pipeline's components."""
+
+    @functools.wraps(base.__init__)
+    def __init__(self: Any, model: Any, *args: Any, **kwargs: Any) -> None:
+        from .block_diffusion import accept_past_key_values
+
+        base.__init__(self, accept_past_key_values(model), *args, **kwargs)
+
+    return {"__init__": __init__}
+
+
 @functools.cache
 def drop_in(base: type) -> type:
     """The fastdiff subclass of a diffusers pipeline class (cached: one per base class)."""
     if not (isinstance(base, type) and issubclass(base, DiffusionPipeline)):
         raise TypeError(f"{base!r} is not a diffusers pipeline class")
+    extra = _accepting_past_key_values(base) if base.__name__ == "DiffusionGemmaPipeline" else {}
     return type(base.__name__, (AcceleratedPipelineMixin, base),
                 {"__module__": __name__, "__qualname__": base.__name__, "__doc__": base.__doc__,
-                 "_fastdiff_wraps": base})
+                 "_fastdiff_wraps": base, **extra})
 
 
 def __getattr__(name: str) -> type:

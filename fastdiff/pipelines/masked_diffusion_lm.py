@@ -10,21 +10,30 @@ model calls made).
 
 from __future__ import annotations
 
+import time as clock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import time as clock
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..core.ledger import Ledger, Report
-from ..schedulers.masked_diffusion import MaskedDiffusionScheduler, sampler_name
+from ..schedulers.discrete_diffusion import (
+    DiscreteDiffusionScheduler,
+    MaskedDiffusionScheduler,
+    sampler_name,
+)
 from ..schedulers.noise_schedules import sigma
+from .block_diffusion import (
+    BLOCK_DIFFUSION_TYPES,
+    DiffusionGemmaAdapter,
+    generate_blocks,
+    is_block_diffusion,
+)
 from .model_interface import interface_for
-from .text_cache import KV_CACHES, BlockCache
+from .text_cache import KV_CACHES, BlockCache, make_cache
 
 
 @dataclass
@@ -53,9 +62,30 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                  mask_token_id: int | None = None, shift_logits: bool | None = None,
                  time_input: str | None = None) -> None:
         super().__init__()
-        interface = interface_for(model, tokenizer, mask_token_id=mask_token_id, shift_logits=shift_logits,
-                                  time_input=time_input if time_input is not None else False)
-        if scheduler.config.mask_token_id != interface.mask_token_id:
+        if not isinstance(scheduler, DiscreteDiffusionScheduler):
+            scheduler = _foreign_scheduler(scheduler)
+        self.block_model = DiffusionGemmaAdapter(model) if is_block_diffusion(model) else None
+        if self.block_model is None and not isinstance(scheduler, DiscreteDiffusionScheduler):
+            raise ValueError(f"scheduler: {type(scheduler).__name__} drives uniform-state block diffusion models "
+                             f"(DiffusionGemma) here; for {type(model).__name__} use fastdiff's "
+                             "DiscreteDiffusionScheduler, which has the same configurations (see docs/text.md)")
+        corruption = scheduler.config.corruption if isinstance(scheduler, DiscreteDiffusionScheduler) else "uniform"
+        if self.block_model is not None and (corruption != "uniform" or mask_token_id is not None):
+            raise ValueError(f"scheduler: {type(model).__name__} is a uniform-noise model (its canvas starts as random "
+                             f"tokens; it has no mask token), but the scheduler is configured for "
+                             f"corruption={corruption!r}; use DiscreteDiffusionScheduler(corruption='uniform', ...) "
+                             "or one of diffusers' uniform-state schedulers")
+        try:
+            interface = interface_for(model, tokenizer, mask_token_id=mask_token_id, shift_logits=shift_logits,
+                                      time_input=time_input if time_input is not None else False,
+                                      needs_mask=corruption != "uniform")
+        except ValueError as error:
+            if corruption == "uniform":
+                raise
+            raise ValueError(f"{error} (the scheduler is configured for corruption={corruption!r}, which needs one; "
+                             f"a model trained with uniform noise takes corruption='uniform')") from None
+        if isinstance(scheduler, DiscreteDiffusionScheduler) and scheduler.uses_mask \
+                and scheduler.config.mask_token_id != interface.mask_token_id:
             scheduler.register_to_config(mask_token_id=interface.mask_token_id)
         self.register_modules(model=model, tokenizer=tokenizer, scheduler=scheduler)
         self.register_to_config(mask_token_id=interface.mask_token_id, shift_logits=interface.shift_logits,
@@ -84,9 +114,22 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             if sampler is not None:
                 pipe.scheduler = pipe._scheduler_for(sampler, {})
             return pipe
-        from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForMaskedLM,
+            AutoTokenizer,
+        )
 
         dtype = kwargs.pop("torch_dtype", None)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if getattr(config, "model_type", "") in BLOCK_DIFFUSION_TYPES:  # uniform noise: a uniform scheduler
+            from transformers import DiffusionGemmaForBlockDiffusion
+
+            model = DiffusionGemmaForBlockDiffusion.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            scheduler = _scheduler(sampler, corruption="uniform")
+            return cls(model.eval(), tokenizer, scheduler, **kwargs)
         try:
             model = AutoModelForMaskedLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
         except ValueError:  # remote-code diffusion LMs register as AutoModel only
@@ -130,19 +173,47 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         limit = getattr(self.tokenizer, "model_max_length", None)
         return limit if isinstance(limit, int) and 0 < limit < 10**6 else None
 
-    def _scheduler_for(self, sampler: str | MaskedDiffusionScheduler | None, overrides: dict[str, Any]) -> MaskedDiffusionScheduler:
+    def _scheduler_for(self, sampler: str | Any | None, overrides: dict[str, Any]) -> Any:
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        if isinstance(sampler, MaskedDiffusionScheduler):
-            base = sampler
-        else:
-            base = self.scheduler
-            if isinstance(sampler, str):
-                name, _, options = sampler.partition(":")
-                overrides = {"sampler": sampler_name(name), **_parse_options(options), **overrides}
-        if not overrides and base.config.mask_token_id == self.interface.mask_token_id:
+        if sampler is not None and not isinstance(sampler, (str, DiscreteDiffusionScheduler)):
+            return self._checked_foreign(sampler, overrides)
+        base = sampler if isinstance(sampler, DiscreteDiffusionScheduler) else self.scheduler
+        if not isinstance(base, DiscreteDiffusionScheduler):  # the pipeline holds a diffusers scheduler
+            if not isinstance(sampler, str):
+                return self._checked_foreign(base, overrides)
+            base = DiscreteDiffusionScheduler(corruption="uniform")
+        if isinstance(sampler, str):
+            name, _, options = sampler.partition(":")
+            overrides = {"sampler": sampler_name(name), **_parse_options(options), **overrides}
+        mask_id = self.interface.mask_token_id
+        config = {**base.config, **overrides}
+        if config.get("corruption", "mask") != "uniform":
+            if mask_id is None:
+                raise ValueError(f"sampler: corruption={config.get('corruption', 'mask')!r} needs a mask token, and "
+                                 f"{type(self.model).__name__} has none (it was trained with uniform noise); use a "
+                                 "scheduler with corruption='uniform'")
+            overrides["mask_token_id"] = mask_id
+        elif self.block_model is None and "corruption" in overrides:
+            overrides["mask_token_id"] = None
+        if self.block_model is not None and config.get("corruption", "mask") != "uniform":
+            raise ValueError(f"sampler: {type(self.model).__name__} is a uniform-noise model; the scheduler's "
+                             f"corruption must be 'uniform', got {config.get('corruption', 'mask')!r}")
+        if all(base.config.get(k) == v for k, v in overrides.items()):
             return base
-        return MaskedDiffusionScheduler.from_config(base.config, **{**overrides,
-                                                                    "mask_token_id": self.interface.mask_token_id})
+        return DiscreteDiffusionScheduler.from_config(base.config, **overrides)
+
+    def _checked_foreign(self, scheduler: Any, overrides: dict[str, Any]) -> Any:
+        """A diffusers discrete scheduler: it drives a block-diffusion model's canvases as it drives
+        them in diffusers' own pipeline; the per-call sampler options are its config's business."""
+        _foreign_scheduler(scheduler)
+        if self.block_model is None:
+            raise ValueError(f"sampler: {type(scheduler).__name__} drives uniform-state block diffusion models "
+                             f"(DiffusionGemma) here; for {type(self.model).__name__} use fastdiff's "
+                             "DiscreteDiffusionScheduler, which has the same configurations (see docs/text.md)")
+        if overrides:
+            raise ValueError(f"{sorted(overrides)}: set these on the {type(scheduler).__name__}'s config; per-call "
+                             "sampler options apply to fastdiff's DiscreteDiffusionScheduler")
+        return scheduler
 
     # -- the model --------------------------------------------------------------------------
     def _inputs(self, canvas: torch.Tensor, attention: torch.Tensor, t: torch.Tensor, prompt_len: int,
@@ -164,7 +235,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
 
     def _denoise(self, canvas: torch.Tensor, attention: torch.Tensor, t: torch.Tensor, prompt_len: int,
                  cfg_scale: float, schedule: MaskedDiffusionScheduler, cache: BlockCache | None,
-                 rows: torch.Tensor | None) -> torch.Tensor:
+                 rows: torch.Tensor | None, combine: bool = True) -> torch.Tensor:
         """Guided logits for the canvas (or its ``rows``), through the block's cache if there is one."""
         if rows is not None:
             canvas, attention, t = canvas[rows], attention[rows], t[rows]
@@ -179,7 +250,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             raw = cache.refresh(forward, ids, mask)
         else:
             raw = cache.step(forward, ids, mask, self.interface.positions(mask))
-        return self._guided(raw, cfg_scale)
+        return self._guided(raw, cfg_scale) if combine else raw
 
     def report(self, call: int | None = -1) -> Report:
         """What the last call (or ``call``; all with ``None``) did per step: a model call or reused
@@ -201,6 +272,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                  temperature: float | None = None, threshold: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, cfg_scale: float = 0.0, generator: torch.Generator | None = None,
                  reuse_unchanged: bool = True, stop_at_eos: bool = True, kv_cache: str | None = None,
+                 kv_refresh: int = 4, edit_steps: int = 16, confidence_stop: float | None = None,
                  callback_on_step_end: Callable[[Any, int, torch.Tensor], None] | None = None,
                  return_dict: bool = True) -> MaskedDiffusionLMPipelineOutput | tuple:
         """Generate ``gen_length`` tokens after each prompt.
@@ -219,8 +291,16 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             reuse_unchanged: reuse the last logits when no token changed since the model was called
                 (never for models with a time input): for the whole batch, or per sequence (only
                 the changed sequences are sent to the model). Exact: the samples do not change.
-            kv_cache: ``"prefix"`` or ``"dual"``: Fast-dLLM's key/value caches (:mod:`.text_cache`;
-                approximate, refreshed at each block's first step); ``None``: off.
+            kv_cache: ``"prefix"`` or ``"dual"``: Fast-dLLM's key/value caches, or ``"dkv"``:
+                dKV-Cache's delayed caching of decoded tokens, fully refreshed every ``kv_refresh``
+                steps (:mod:`.text_cache`; approximate, refreshed at each block's first step);
+                ``None``: off.
+            edit_steps: with a scheduler that edits (``editing_threshold``), at most this many extra
+                steps per block once nothing is left undecided, while they still change tokens
+                (LLaDA2's post-steps).
+            confidence_stop: block diffusion models (DiffusionGemma): freeze a sequence's canvas at
+                its prediction once that is unchanged from the previous step and its mean entropy
+                is below this (transformers' stable-and-confident rule); ``None``: run the steps.
             stop_at_eos: in block decoding, stop once every sequence has an end-of-sequence token;
                 the rest is filled with it.
             callback_on_step_end: ``f(pipe, step, canvas)`` after every step (the canvas holds the
@@ -233,13 +313,23 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale!r}")
         if kv_cache is not None and kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES} or None, got {kv_cache!r}")
-        if kv_cache == "dual" and not self.interface.places_tokens:
-            raise ValueError(f"kv_cache='dual' needs a model that takes position_ids or has a rotary table that does "
-                             f"(the block is computed after the cached suffix); {type(self.model).__name__} has "
+        if kv_cache in ("dual", "dkv") and not self.interface.places_tokens:
+            raise ValueError(f"kv_cache={kv_cache!r} needs a model that takes position_ids or has a rotary table that does "
+                             f"(recomputed tokens are placed after the cached ones); {type(self.model).__name__} has "
                              f"neither: use kv_cache='prefix'")
         if kv_cache is not None and not self.interface.takes_cache:
             raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed as "
                              f"past_key_values; {type(self.model).__name__}.forward takes no past_key_values")
+        if self.block_model is not None:
+            block_length = self._check_block_model(gen_length, block_length, kv_cache, cfg_scale)
+        if confidence_stop is not None and not confidence_stop > 0:
+            raise ValueError(f"confidence_stop must be > 0 (a mean entropy in nats) or None, got {confidence_stop!r}")
+        if confidence_stop is not None and self.block_model is None:
+            raise ValueError("confidence_stop applies to block diffusion models (DiffusionGemma), whose canvases are "
+                             "re-decided every step")
+        for name, value, low in (("kv_refresh", kv_refresh, 1), ("edit_steps", edit_steps, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         block_length = block_length or gen_length
         if gen_length % block_length:
             raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
@@ -256,11 +346,21 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         if limit is not None and prompt_len + gen_length > limit:
             raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) is longer than the model's "
                              f"maximum length {limit}")
+        if self.block_model is not None:
+            return self._call_block_model(schedule, prompt_ids, prompt_mask, blocks, steps, generator, stop_at_eos,
+                                          confidence_stop, callback_on_step_end, return_dict)
         mask_id = self.interface.mask_token_id
-        canvas = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_id, device=self.device)], dim=1)
+        uses_mask = schedule.uses_mask
+        if cfg_scale > 0 and mask_id is None:
+            raise ValueError(f"cfg_scale: guidance drops the prompt by masking it, and {type(self.model).__name__} "
+                             "has no mask token")
+        fill = mask_id if uses_mask else 0
+        canvas = torch.cat([prompt_ids, torch.full((batch, gen_length), fill, device=self.device)], dim=1)
         attention = torch.cat([prompt_mask, torch.ones((batch, gen_length), dtype=torch.long, device=self.device)], 1)
         reuse = reuse_unchanged and self.interface.time_input is None
         eos = getattr(self.tokenizer, "eos_token_id", None)
+        posterior_guidance = cfg_scale > 0 and schedule.config.sampler == "posterior"
+        editing = schedule.config.editing_threshold is not None
         nfe = taken = 0
         self._call_index += 1
         self.ledger.start_call(self._call_index)
@@ -275,21 +375,32 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                 active = torch.zeros_like(canvas, dtype=torch.bool)
                 active[:, start:start + block_length] = True
                 schedule.set_timesteps(per_block[b], device=self.device)
-                cache = None if kv_cache is None else BlockCache(kv_cache, start, start + block_length,
-                                                                 canvas.shape[1], self.interface.shift_logits)
+                if not uses_mask:
+                    canvas[:, start:start + block_length] = schedule.initial_sample(
+                        (batch, block_length), self._vocab_size(), generator, self.device)
+                cache = None if kv_cache is None else make_cache(kv_cache, start, start + block_length,
+                                                                 canvas.shape[1], self.interface.shift_logits,
+                                                                 kv_refresh, mask_id)
                 t = torch.ones(batch, dtype=torch.float64, device=self.device)
-                for _ in range(block_length if schedule.adaptive else per_block[b]):
-                    if not bool(((canvas == mask_id) & active).any()):
-                        break
+                budget = block_length if schedule.adaptive else per_block[b]
+                edits_left, changed_last = (edit_steps if editing else 0), True
+                out = None
+                while True:
+                    if budget <= 0 or not self._undecided(schedule, canvas, active, mask_id):
+                        if not (edits_left > 0 and changed_last):
+                            break
+                        edits_left -= 1  # LLaDA2: once all is decided, edit while edits happen
+                    budget -= 1
                     changed = torch.ones(batch, dtype=torch.bool, device=self.device) if seen is None or not reuse \
                         else (seen != canvas).any(1)
                     started = clock.perf_counter()
                     if bool(changed.any()):
-                        if cache is not None or bool(changed.all()):
+                        if cache is not None or bool(changed.all()) or posterior_guidance:
                             rows = None
                         else:  # per sequence: only the sequences whose tokens changed go through the model
                             rows = changed.nonzero().squeeze(1)
-                        fresh = self._denoise(canvas, attention, t, prompt_len, cfg_scale, schedule, cache, rows)
+                        fresh = self._denoise(canvas, attention, t, prompt_len, cfg_scale, schedule, cache, rows,
+                                              combine=not posterior_guidance)
                         if rows is None:
                             logits = fresh
                         else:
@@ -300,12 +411,22 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                         per_sequence += changed.long()
                     self.ledger.record_step(self._call_index, taken, float(t.max()), clock.perf_counter() - started,
                                             None, denoiser_calls=int(bool(changed.any())))
-                    out = schedule.step(logits, t, canvas, active=active, generator=generator)
+                    assert logits is not None
+                    if posterior_guidance:
+                        conditional, free = logits.chunk(2)
+                        out = schedule.step(conditional, t, canvas, active=active, generator=generator,
+                                            unconditional_output=free, guidance_scale=cfg_scale + 1.0)
+                    else:
+                        out = schedule.step(logits, t, canvas, active=active, generator=generator)
+                    changed_last = bool((out.prev_sample != canvas).any())
                     canvas, t = out.prev_sample, out.next_timestep
                     taken += 1
                     bar.update()
                     if callback_on_step_end is not None:
                         callback_on_step_end(self, taken - 1, canvas)
+                if out is not None and not uses_mask and not schedule.config.keep_committed:
+                    # positions re-decided every step end as the last prediction (transformers' rule)
+                    canvas = torch.where(active, out.pred_logits.argmax(-1), canvas)
                 if stop_at_eos and eos is not None and b + 1 < blocks:
                     decoded = canvas[:, prompt_len:start + block_length]
                     if bool((decoded == eos).any(1).all()):
@@ -317,6 +438,74 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
             return texts, sequences, nfe, taken, per_sequence.tolist()
         return MaskedDiffusionLMPipelineOutput(texts, sequences, nfe, taken, per_sequence.tolist())
 
+    def _check_block_model(self, gen_length: int, block_length: int | None, kv_cache: str | None,
+                           cfg_scale: float) -> int:
+        """The canvas is the block: its length is the model's, and the encoder cache is already exact."""
+        assert self.block_model is not None
+        canvas = self.block_model.canvas_length
+        name = type(self.model).__name__
+        if gen_length % canvas:
+            raise ValueError(f"gen_length ({gen_length}) must be a multiple of {name}'s canvas length ({canvas}): it "
+                             "writes whole canvases")
+        if block_length is not None and block_length != canvas:
+            raise ValueError(f"block_length ({block_length}): {name} decodes canvases of {canvas} tokens; leave "
+                             f"block_length unset or give {canvas}")
+        if kv_cache is not None:
+            raise ValueError(f"kv_cache: {name} caches its encoder's keys/values over finished canvases itself "
+                             "(exactly); leave kv_cache unset")
+        if cfg_scale > 0:
+            raise ValueError(f"cfg_scale: guidance by dropping the prompt is not available for {name} here")
+        return canvas
+
+    @staticmethod
+    def _undecided(schedule: DiscreteDiffusionScheduler, canvas: torch.Tensor, active: torch.Tensor,
+                   mask_id: int | None) -> bool:
+        """Whether the block still has something to decide: a mask, or (uniform noise) a position the
+        scheduler has not committed; the ``posterior`` sampler runs its steps out."""
+        if schedule.config.corruption == "mask":
+            return bool(((canvas == mask_id) & active).any())
+        committed = schedule.committed_positions
+        if schedule.config.sampler == "posterior" or committed is None or not schedule.config.keep_committed:
+            return True
+        return not bool(committed[active].all())
+
+    def _vocab_size(self) -> int:
+        size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        return int(size) if size else len(self.tokenizer)
+
+    def _call_block_model(self, schedule: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, blocks: int,
+                          steps: int, generator: torch.Generator | None, stop_at_eos: bool,
+                          confidence_stop: float | None, callback: Callable[..., None] | None,
+                          return_dict: bool) -> MaskedDiffusionLMPipelineOutput | tuple:
+        assert self.block_model is not None
+        per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        batch = prompt_ids.shape[0]
+        counts = {"nfe": 0}
+        self._call_index += 1
+        self.ledger.start_call(self._call_index)
+        with self.progress_bar(total=steps) as bar:
+            last = [clock.perf_counter()]
+
+            def on_step(block: int, canvas: torch.Tensor, called: bool) -> None:
+                now = clock.perf_counter()
+                self.ledger.record_step(self._call_index, counts["nfe"], 1.0, now - last[0], None,
+                                        denoiser_calls=int(called))
+                last[0] = now
+                counts["nfe"] += int(called)
+                bar.update()
+                if callback is not None:
+                    callback(self, counts["nfe"] - 1, canvas)
+
+            sequences = generate_blocks(self.block_model, schedule, prompt_ids, prompt_mask, blocks, per_block,
+                                        generator=generator, eos=eos, stop_at_eos=stop_at_eos,
+                                        confidence_stop=confidence_stop, on_step=on_step)
+        texts = [self._decode(row, eos) for row in sequences]
+        per_sequence = [counts["nfe"]] * batch
+        if not return_dict:
+            return texts, sequences, counts["nfe"], counts["nfe"], per_sequence
+        return MaskedDiffusionLMPipelineOutput(texts, sequences, counts["nfe"], counts["nfe"], per_sequence)
+
     def _decode(self, row: torch.Tensor, eos: int | None) -> str:
         ids = row.tolist()
         if eos is not None and eos in ids:
@@ -324,11 +513,29 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _scheduler(sampler: str | None) -> MaskedDiffusionScheduler:
+FOREIGN_SCHEDULERS = ("BlockRefinementScheduler", "EntropyBoundScheduler", "DiscreteDDIMScheduler")
+
+
+def _foreign_scheduler(scheduler: Any) -> Any:
+    """diffusers' uniform-state discrete schedulers, accepted as they are; anything else is refused."""
+    if type(scheduler).__name__ not in FOREIGN_SCHEDULERS:
+        raise ValueError(f"scheduler: expected fastdiff's DiscreteDiffusionScheduler or one of diffusers' "
+                         f"{FOREIGN_SCHEDULERS}, got {type(scheduler).__name__}")
+    return scheduler
+
+
+def _scheduler(sampler: str | None, **defaults: Any) -> MaskedDiffusionScheduler:
     if sampler is None:
-        return MaskedDiffusionScheduler()
+        return MaskedDiffusionScheduler(**defaults)
     name, _, options = sampler.partition(":")
-    return MaskedDiffusionScheduler(sampler=sampler_name(name), **_parse_options(options))
+    return MaskedDiffusionScheduler(sampler=sampler_name(name), **{**defaults, **_parse_options(options)})
+
+
+INT_OPTIONS = ("top_k",)
+TEXT_OPTIONS = ("noise_schedule", "corruption", "sampling")
+FLOAT_OPTIONS = ("threshold", "temperature", "top_p", "eps", "entropy_bound", "min_temperature", "editing_threshold",
+                 "p_uniform", "gamma")
+BOOL_OPTIONS = ("keep_committed",)
 
 
 def _parse_options(text: str) -> dict[str, Any]:
@@ -338,14 +545,23 @@ def _parse_options(text: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"sampler options must look like name=value, got {item!r}")
-        key = key.strip().replace("-", "_")
-        if key in ("top_k",):
-            options[key] = int(value)
-        elif key in ("noise_schedule",):
-            options[key] = value.strip()
-        elif key in ("threshold", "temperature", "top_p", "eps"):
-            options[key] = float(value)
-        else:
-            raise ValueError(f"unknown sampler option {key!r}; allowed: threshold, temperature, top_k, top_p, "
-                             "noise_schedule, eps")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        try:
+            if key in INT_OPTIONS:
+                options[key] = int(value)
+            elif key in TEXT_OPTIONS:
+                options[key] = value
+            elif key in FLOAT_OPTIONS:
+                options[key] = float(value)
+            elif key in BOOL_OPTIONS:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                options[key] = value.lower() in ("true", "1")
+            else:
+                allowed = ", ".join(INT_OPTIONS + TEXT_OPTIONS + FLOAT_OPTIONS + BOOL_OPTIONS)
+                raise ValueError(f"unknown sampler option {key!r}; allowed: {allowed}")
+        except ValueError as error:
+            if "unknown sampler option" in str(error):
+                raise
+            raise ValueError(f"sampler option {key}: {value!r} is not a valid value") from None
     return options

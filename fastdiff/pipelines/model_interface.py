@@ -26,7 +26,7 @@ KNOWN_MODEL_TYPES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class ModelInterface:
-    mask_token_id: int
+    mask_token_id: int | None  # None: a uniform-noise model, which has none
     shift_logits: bool = False
     time_input: str | None = None
     takes_attention_mask: bool = True
@@ -121,9 +121,11 @@ def _accepts(model: torch.nn.Module, name: str, via_kwargs: bool = False) -> boo
 
 
 def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_id: int | None = None,
-                  shift_logits: bool | None = None, time_input: str | None | bool = False) -> ModelInterface:
+                  shift_logits: bool | None = None, time_input: str | None | bool = False,
+                  needs_mask: bool = True) -> ModelInterface:
     """The interface of ``model``: what its config's ``model_type`` implies, overridden by arguments
-    (``time_input=False`` means "not given")."""
+    (``time_input=False`` means "not given"). ``needs_mask=False``: a uniform-noise scheduler, for which
+    a missing mask token is no error."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "").lower()
     known = KNOWN_MODEL_TYPES.get(model_type, {})
     if mask_token_id is None:
@@ -132,16 +134,16 @@ def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_i
         mask_token_id = getattr(tokenizer, "mask_token_id", None)
     if mask_token_id is None:
         mask_token_id = getattr(getattr(model, "config", None), "mask_token_id", None)
-    if mask_token_id is None:
+    if mask_token_id is None and needs_mask:
         raise ValueError(
-            "mask_token_id: the tokenizer has no mask token and none was given; pass mask_token_id= (the id of "
-            "the token the model was trained to fill in)"
+            f"mask_token_id: {type(model).__name__} and its tokenizer have no mask token and none was given; pass "
+            "mask_token_id= (the id of the token the model was trained to fill in)"
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and not 0 <= int(mask_token_id) < int(vocab):
+    if mask_token_id is not None and vocab is not None and not 0 <= int(mask_token_id) < int(vocab):
         raise ValueError(f"mask_token_id {mask_token_id} is outside the model's vocabulary (0..{int(vocab) - 1})")
     return ModelInterface(
-        mask_token_id=int(mask_token_id),
+        mask_token_id=None if mask_token_id is None else int(mask_token_id),
         shift_logits=known.get("shift_logits", False) if shift_logits is None else bool(shift_logits),
         time_input=known.get("time_input") if time_input is False else time_input,
         takes_attention_mask=_accepts(model, "attention_mask"),

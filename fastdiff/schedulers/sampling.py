@@ -30,10 +30,28 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+SAMPLING = ("gumbel", "multinomial")
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
-                  top_k: int | None = None, top_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_k: int | None = None, top_p: float | None = None,
+                  sampling: str = "gumbel") -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens drawn from ``softmax(logits / temperature)`` (argmax at temperature 0) and their
-    confidence: the probability the untempered, filtered distribution gives them."""
+    confidence: the probability the untempered, filtered distribution gives them.
+
+    ``sampling="multinomial"`` draws as diffusers' and transformers' discrete samplers do
+    (``torch.multinomial`` over float32 probabilities of the tempered logits in their own dtype),
+    so the same generator gives the same tokens as theirs; the default draws Gumbel-max in float64."""
+    if sampling == "multinomial" and temperature > 0:
+        tempered = logits / temperature
+        if top_k is not None or top_p is not None:
+            tempered = filter_logits(tempered, top_k, top_p).to(logits.dtype)
+        probs = torch.softmax(tempered.float(), dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        where = generator.device if generator is not None else flat.device
+        tokens = torch.multinomial(flat.to(where), 1, generator=generator).to(flat.device).reshape(logits.shape[:-1])
+        confidence = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        return tokens, confidence.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     logits = filter_logits(logits, top_k, top_p)
     if temperature > 0:
         gumbel = -torch.log(-torch.log(uniform(tuple(logits.shape), generator, logits.device).clamp_min(1e-300)))
