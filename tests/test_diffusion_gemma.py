@@ -181,3 +181,18 @@ def test_diffusers_schedulers_on_a_masked_lm_are_refused_with_a_reason():
                                        intermediate_size=32))
     with pytest.raises(ValueError, match="BlockRefinementScheduler drives uniform-state block diffusion models"):
         MaskedDiffusionLMPipeline(model, None, BlockRefinementScheduler(), mask_token_id=3)
+
+
+def test_command_line_on_a_saved_diffusion_gemma(gemma, tmp_path, capsys):
+    from fastdiff.cli import main
+
+    model, tokenizer = gemma
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["text", "--model", str(tmp_path), "--gen-length", "16", "--prompt", "t5 t6",
+                 "--sampler", "entropy-bound:temperature=0.8,min_temperature=0.4"]) == 0
+    assert "16 model calls for 16 tokens" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        main(["text", "--model", str(tmp_path), "--gen-length", "12"])
+    assert error.value.code == 2
+    assert "must be a multiple of DiffusionGemmaForBlockDiffusion's canvas length (8)" in capsys.readouterr().err
