@@ -19,11 +19,12 @@ def marginal(kind: str, t: float) -> torch.Tensor:
     return survival(kind, torch.tensor(t), **SCHEDULE) * torch.eye(VOCAB, dtype=torch.float64) + noise.unsqueeze(1)
 
 
-@pytest.mark.parametrize("kind", ["mask", "uniform", "hybrid"])
-def test_reverse_step_is_the_exact_posterior(kind):
+@pytest.mark.parametrize("kind,gamma", [("mask", 1.0), ("uniform", 1.0), ("hybrid", 1.0), ("hybrid", 2.0)])
+def test_reverse_step_is_the_exact_posterior(kind, gamma):
     """Against Bayes on explicit matrices: q(x_s | x_t, x_0) ∝ Q_{t|s}[x_t, x_s]·Q_s[x_s, x_0], with
     Q_{t|s} = Q_t·Q_s⁻¹; routes (one clean guess) and transition (a distribution over guesses)."""
     t, s = 0.7, 0.45
+    SCHEDULE["gamma"] = gamma
     q_t, q_s = marginal(kind, t), marginal(kind, s)
     step = q_t @ torch.linalg.inv(q_s)
     assert (step > -1e-12).all() and torch.allclose(step.sum(0), torch.ones(VOCAB, dtype=torch.float64))
@@ -53,6 +54,7 @@ def test_reverse_step_is_the_exact_posterior(kind):
     got = transition(kind, torch.tensor([t]), torch.tensor([s]), current.unsqueeze(0), probs.unsqueeze(0), MASK,
                      **SCHEDULE)[0]
     assert torch.allclose(got[consistent], expected[consistent], atol=1e-12)
+    SCHEDULE["gamma"] = 1.0
 
 
 def test_gidd_mixes_mask_and_uniform_noise():
@@ -157,3 +159,35 @@ def test_old_name_and_saved_configs(tmp_path):
         DiscreteDiffusionScheduler(corruption="gaussian")
     with pytest.raises(ValueError, match="sampling must be one of"):
         DiscreteDiffusionScheduler(sampling="beam")
+
+
+def test_guided_posterior_at_temperature_zero_is_deterministic():
+    scheduler = DiscreteDiffusionScheduler(corruption="uniform", sampler="posterior", temperature=0.0)
+    scheduler.set_timesteps(4)
+    logits = torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(0))
+    sample = torch.randint(0, 9, (3, 6), generator=torch.Generator().manual_seed(1))
+    runs = [scheduler.step(logits, 0.5, sample, unconditional_output=logits * 0.5, guidance_scale=2.0,
+                           generator=torch.Generator().manual_seed(seed)).prev_sample for seed in (0, 1)]
+    assert torch.equal(*runs)
+
+
+def test_refused_configurations():
+    with pytest.raises(ValueError, match="editing_threshold: the posterior sampler"):
+        DiscreteDiffusionScheduler(sampler="posterior", editing_threshold=0.9)
+    with pytest.raises(ValueError, match=r"gamma must be in \(0, 2\]"):
+        DiscreteDiffusionScheduler(corruption="hybrid", gamma=3.0)
+    uniform = DiscreteDiffusionScheduler(corruption="uniform", sampler="threshold")
+    assert not uniform.adaptive  # uniform noise keeps to the step grid
+
+
+def test_fill_masks_with_more_steps_than_cells():
+    from fastdiff.schedulers.fill import fill_masks
+
+    logits = torch.full((1, 6, VOCAB), -5.0)
+    logits[..., 2] = 5.0
+    canvas = torch.tensor([[MASK, 1, MASK, MASK, 0, MASK]])
+    for sampler in ("mdlm", "posterior", "low-confidence"):
+        scheduler = DiscreteDiffusionScheduler(sampler=sampler, mask_token_id=MASK, noise_schedule="linear")
+        filled, calls = fill_masks(lambda rows: logits.expand(rows.shape[0], -1, -1), canvas, scheduler, steps=64,
+                                   generator=torch.Generator().manual_seed(0))
+        assert filled.tolist() == [[2, 1, 2, 2, 0, 2]] and 1 <= int(calls[0]) <= 64, sampler

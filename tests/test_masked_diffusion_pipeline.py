@@ -315,6 +315,16 @@ def test_delayed_kv_cache(bert, tokenizer):
     assert calls[-1] == 5  # from now on its keys/values come from the cache
     with pytest.raises(ValueError, match="kv_refresh must be an integer >= 1"):
         pipe("a", gen_length=8, kv_cache="dkv", kv_refresh=0)
+    # a shifted model (Dream): position i's logits come from i - 1, which is recomputed too; the
+    # positions added for that keep their earlier logits, so an unchanged canvas stays exact
+    shifted = make(bert, tokenizer, shift_logits=True)
+
+    def forward_shifted(i, a, **kw):
+        return shifted.interface.logits(bert, i, a, None, **kw)
+
+    cache = DelayedCache(canvas.shape[1], shifted=True, refresh=8, mask_id=tokenizer.mask_token_id)
+    full = cache.refresh(forward_shifted, canvas, attention)
+    assert torch.allclose(cache.step(forward_shifted, canvas, attention, positions), full, atol=1e-5)
 
 
 def test_editing_and_uniform_noise_on_a_bidirectional_model(tokenizer):

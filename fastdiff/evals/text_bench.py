@@ -209,6 +209,9 @@ def infill_check(model: str, samplers: dict[str, tuple[str, int | None]], gen_le
     from ..schedulers.fill import fill_masks
 
     pipe = MaskedDiffusionLMPipeline.from_pretrained(model)
+    if pipe.interface.time_input is not None:
+        raise ValueError(f"--infill: {model} takes the diffusion time as an input, which the infilling loop does "
+                         "not pass; it measures models without one (as LLaDA and pydoc-mdlm)")
     stream = token_stream(pipe.tokenizer, corpus()[1])
     width = min(SEQUENCE_LENGTH, pipe._max_length() or SEQUENCE_LENGTH)  # a smaller model: shorter windows
     span = min(span, width // 2)

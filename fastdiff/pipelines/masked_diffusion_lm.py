@@ -354,8 +354,11 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         if cfg_scale > 0 and mask_id is None:
             raise ValueError(f"cfg_scale: guidance drops the prompt by masking it, and {type(self.model).__name__} "
                              "has no mask token")
-        fill = mask_id if uses_mask else 0
-        canvas = torch.cat([prompt_ids, torch.full((batch, gen_length), fill, device=self.device)], dim=1)
+        if uses_mask:
+            noise = torch.full((batch, gen_length), mask_id, device=self.device)
+        else:  # uniform noise over the whole generation, as the model was trained to see it
+            noise = schedule.initial_sample((batch, gen_length), self._vocab_size(), generator, self.device)
+        canvas = torch.cat([prompt_ids, noise], dim=1)
         attention = torch.cat([prompt_mask, torch.ones((batch, gen_length), dtype=torch.long, device=self.device)], 1)
         reuse = reuse_unchanged and self.interface.time_input is None
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -375,9 +378,6 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                 active = torch.zeros_like(canvas, dtype=torch.bool)
                 active[:, start:start + block_length] = True
                 schedule.set_timesteps(per_block[b], device=self.device)
-                if not uses_mask:
-                    canvas[:, start:start + block_length] = schedule.initial_sample(
-                        (batch, block_length), self._vocab_size(), generator, self.device)
                 cache = None if kv_cache is None else make_cache(kv_cache, start, start + block_length,
                                                                  canvas.shape[1], self.interface.shift_logits,
                                                                  kv_refresh, mask_id)
@@ -424,7 +424,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                     bar.update()
                     if callback_on_step_end is not None:
                         callback_on_step_end(self, taken - 1, canvas)
-                if out is not None and not uses_mask and not schedule.config.keep_committed:
+                if out is not None and not uses_mask and not schedule.config.keep_committed \
+                        and schedule.config.sampler != "posterior":
                     # positions re-decided every step end as the last prediction (transformers' rule)
                     canvas = torch.where(active, out.pred_logits.argmax(-1), canvas)
                 if stop_at_eos and eos is not None and b + 1 < blocks:

@@ -109,7 +109,8 @@ class DelayedCache:
         query = (ids != self.made_from).any(0)
         if self.mask_id is not None:
             query |= (ids == self.mask_id).any(0)
-        if self.shifted:  # a shifted model predicts position i at i - 1
+        wanted = query.clone()
+        if self.shifted:  # a shifted model predicts position i at i - 1: compute i - 1 too
             query |= torch.cat([query[1:], query.new_zeros(1)])
         if not bool(query.any()):
             return self.logits
@@ -128,7 +129,9 @@ class DelayedCache:
         self.layers = updated
         self.made_from = ids.clone()
         logits = self.logits.clone()
-        logits[:, query] = fresh
+        # within the computed subset a shifted model's logits are right only where the position
+        # before is computed too: the wanted ones; the others keep their earlier logits
+        logits[:, wanted] = fresh[:, wanted[query]]
         self.logits = logits
         return logits
 

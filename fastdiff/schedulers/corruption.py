@@ -13,8 +13,9 @@ kind       α_t                                     π_t (where the lost mass go
                                                    tokens alike (share B·(t(1−t))^(γ/2)/C_t)
 =========  ======================================  =====================================  ==============
 
-GIDD's B = 2^γ·p_u/(1 − p_u) puts the uniform share at ``p_uniform`` of the noise at t = ½; it is
-all mask at t = 1 and clean at t = 0, so a GIDD sampler starts from a masked canvas.
+GIDD's B = 2^γ·p_u/(1 − p_u) makes ``p_uniform`` the uniform share of all tokens at t = ½; it is
+all mask at t = 1 and clean at t = 0, so a GIDD sampler starts from a masked canvas. For γ > 2
+the reverse step would need negative jump rates, so γ is limited to (0, 2].
 
 From two times s < t the exact reverse step given a clean guess x̂_0 needs only three numbers
 per position (:func:`routes`): the new token is x̂_0, the current token x_t again, or a fresh
@@ -114,7 +115,7 @@ def routes(kind: str, t: torch.Tensor, s: torch.Tensor, current: torch.Tensor, g
     same = (current == guess).double()
     weights = torch.stack([jump * a_s + a * a_s * same, a * here_s, jump * (1.0 - a_s)], dim=-1)
     total = weights.sum(-1, keepdim=True)
-    fallback = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64, device=current.device)  # impossible guess: take it
+    fallback = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=current.device)  # no time passes: stay
     return torch.where(total > 0, weights / total.clamp_min(1e-300), fallback)
 
 

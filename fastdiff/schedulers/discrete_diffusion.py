@@ -120,7 +120,7 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
             restarts (``False``: decide every position afresh each step).
         editing_threshold: also replace committed tokens the model predicts otherwise with at least
             this confidence (``None``: never).
-        p_uniform, gamma: GIDD's uniform share of the noise at t = ½ and its shape exponent.
+        p_uniform, gamma: GIDD's uniform share of all tokens at t = ½ and its shape exponent (≤ 2).
         eps: α(1) of the log-linear and MDLM cosine schedules.
     """
 
@@ -164,10 +164,14 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         if editing_threshold is not None and not 0.0 <= editing_threshold <= 1.0:
             raise ValueError(f"editing_threshold must be in [0, 1] or None, got {editing_threshold!r}")
+        if editing_threshold is not None and canonical == "posterior":
+            raise ValueError("editing_threshold: the posterior sampler already redraws every position each step; "
+                             "editing applies to the committing samplers")
         if not 0.0 < p_uniform < 1.0:
             raise ValueError(f"p_uniform must be in (0, 1), got {p_uniform!r}")
-        if not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        if not 0 < gamma <= 2:
+            raise ValueError(f"gamma must be in (0, 2], got {gamma!r} (beyond 2 the hybrid kernel's reverse step "
+                             "would need negative jump rates: it is not a forward process)")
         self.num_inference_steps: int | None = None
         self.timesteps = torch.empty(0, dtype=torch.float64)
         self._committed: torch.Tensor | None = None
@@ -175,8 +179,10 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
     # -- schedule ---------------------------------------------------------------------------
     @property
     def adaptive(self) -> bool:
-        """Whether the number of steps follows the tokens (first-hitting, threshold, entropy bound)."""
-        return self.config.sampler in ADAPTIVE
+        """Whether the number of steps follows the tokens (first-hitting, threshold, entropy bound,
+        under mask corruption; with uniform or hybrid noise they keep to the step grid and may
+        only finish early)."""
+        return self.config.sampler in ADAPTIVE and self.config.corruption == "mask"
 
     @property
     def uses_mask(self) -> bool:
@@ -333,8 +339,10 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
                 best = _top(confidence, undecided, undecided.any(1).long())
                 commit = undecided & ((confidence > config.threshold) | best)
             else:
-                commit = _entropy_bounded(pred_logits.double() if temperature > 0 else logits, undecided,
-                                          config.entropy_bound)
+                source = pred_logits.double() if temperature > 0 else logits.clone()  # what is drawn from
+                if mask_id is not None and mask_id < source.shape[-1]:
+                    source[..., mask_id] = float("-inf")
+                commit = _entropy_bounded(source, undecided, config.entropy_bound)
             if config.corruption == "mask":
                 left = (undecided & ~commit).sum(1).double() / active.sum(1).clamp_min(1).double()
                 next_t = time_of(config.noise_schedule, 1.0 - left, config.eps)
@@ -382,9 +390,7 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
         else:
             open_ = active
         if unconditional is None:
-            clean_logits = model_output.double()
-            if mask_id is not None and mask_id < vocab:
-                clean_logits[..., mask_id] = float("-inf")
+            clean_logits = clean_logits_of(model_output, mask_id)
             source = clean_logits.to(model_output.dtype) if config.sampling == "multinomial" else clean_logits
             guess, _ = sample_tokens(source, temperature, generator, config.top_k, config.top_p, config.sampling)
             if kind == "mask":
@@ -408,8 +414,11 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
             mixed = guidance * torch.log(step_distribution(model_output).clamp_min(1e-300)) + \
                 (1.0 - guidance) * torch.log(step_distribution(unconditional).clamp_min(1e-300))
-            prev, _ = sample_tokens(mixed, 1.0, generator)
-            guess = torch.argmax(model_output, -1)
+            if temperature > 0:
+                prev, _ = sample_tokens(mixed, 1.0, generator, sampling=config.sampling)
+            else:  # the most likely next token of the guided step
+                prev = mixed.argmax(-1)
+            guess = torch.argmax(clean_logits_of(model_output, mask_id), -1)
         prev = torch.where(open_, prev, sample)
         committed = open_ & (prev != sample) & (prev != (mask_id if mask_id is not None else -1))
         return self._finish(prev, torch.where(open_, guess, sample), committed, s, pred_logits, return_dict)
@@ -446,6 +455,14 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
 class MaskedDiffusionScheduler(DiscreteDiffusionScheduler):
     """The same scheduler under the name it had before it covered uniform and hybrid corruption
     (saved configs and code that name it keep working)."""
+
+
+def clean_logits_of(output: torch.Tensor, mask_id: int | None) -> torch.Tensor:
+    """Float64 logits in which the mask is never a prediction."""
+    logits = output.double()
+    if mask_id is not None and mask_id < logits.shape[-1]:
+        logits[..., mask_id] = float("-inf")
+    return logits
 
 
 def _margin(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

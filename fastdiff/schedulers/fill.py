@@ -40,7 +40,7 @@ def fill_masks(logits_of: Callable[[torch.Tensor], torch.Tensor], canvas: torch.
         t = torch.ones(canvas.shape[0], dtype=torch.float64)
     t = t.to(canvas.device)
     calls = torch.zeros(canvas.shape[0], dtype=torch.long, device=canvas.device)
-    for _ in range(canvas.shape[1] + 1):
+    for _ in range(max(steps or 0, canvas.shape[1]) + 1):  # the last grid step decides the rest
         open_ = (canvas == mask_id).any(1)
         if not bool(open_.any()):
             break
