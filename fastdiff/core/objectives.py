@@ -54,11 +54,32 @@ def masked_diffusion_loss(model: torch.nn.Module, batch: torch.Tensor, mask_id: 
     return (loss * masked / t.unsqueeze(1)).sum() / batch.numel()
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+def optimizer_step(parameters: Any, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                    clip: float = 1.0) -> float:
-    """Backward, clip the gradient norm, step; the loss as a float for the log."""
+    """Backward, clip the gradient norm of ``parameters``, step; the loss as a float for the log."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    torch.nn.utils.clip_grad_norm_(parameters, clip)
     optimizer.step()
     return float(loss.detach())
+
+
+class LossLog:
+    """Logs the mean loss of every ``every`` steps and the seconds since ``started`` (a
+    ``time.perf_counter`` reading; default: when the log is made)."""
+
+    def __init__(self, log: Any, steps: int, every: int = 100, digits: int = 3, started: float | None = None) -> None:
+        import time
+
+        self.log, self.steps, self.every, self.digits = log, steps, every, digits
+        self.clock = time.perf_counter
+        self.started = self.clock() if started is None else started
+        self.running: list[float] = []
+
+    def add(self, step: int, loss: float) -> None:
+        self.running.append(loss)
+        if (step + 1) % self.every == 0:
+            mean = sum(self.running) / len(self.running)
+            self.log(f"step {step + 1}/{self.steps}: loss {mean:.{self.digits}f} "
+                     f"({self.clock() - self.started:.0f} s)")
+            self.running = []

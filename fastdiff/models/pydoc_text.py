@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..core.objectives import masked_diffusion_loss, optimizer_step
+from ..core.objectives import LossLog, masked_diffusion_loss, optimizer_step
 
 PYDOC_MDLM_NAME = "pydoc-mdlm"
 PYDOC_MDLM_DIR = Path(__file__).parent / "weights" / PYDOC_MDLM_NAME
@@ -136,16 +136,13 @@ def train(out: Path, seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
     schedule = get_cosine_schedule_with_warmup(optimizer, 200, steps)
     generator = torch.Generator().manual_seed(seed)
     mask_id = tokenizer.mask_token_id
-    started, running = time.perf_counter(), []
+    started = time.perf_counter()
+    losses = LossLog(log, steps, started=started)
     for step in range(steps):
         loss = masked_diffusion_loss(model, _windows(stream, batch_size, generator).to(device), mask_id, generator,
                                      elbo=False)
-        running.append(optimizer_step(model, optimizer, loss))
+        losses.add(step, optimizer_step(model.parameters(), optimizer, loss))
         schedule.step()
-        if (step + 1) % 100 == 0:
-            log(f"step {step + 1}/{steps}: loss {sum(running) / len(running):.3f} "
-                f"({time.perf_counter() - started:.0f} s)")
-            running = []
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.cpu().half().save_pretrained(out)  # float16 on disk (a few MB); loaded as float32

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.objectives import masked_diffusion_loss, optimizer_step
+from ..core.objectives import LossLog, masked_diffusion_loss, optimizer_step
 from .sudoku import (
     CELLS,
     NEIGHBOURS,
@@ -122,19 +122,15 @@ def train(out: Path, *, minutes: float = 40.0, batch_size: int = 128, learning_r
     started = time.perf_counter()
     probe = 20  # steps timed at full learning rate to size the schedule
     for _ in range(probe):
-        optimizer_step(model, optimizer, masked_loss(model, batch(), generator))
+        optimizer_step(model.parameters(), optimizer, masked_loss(model, batch(), generator))
     per_step = (time.perf_counter() - started) / probe
     steps = max(probe + 100, int(minutes * 60 / per_step))
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, steps - probe)
     log(f"{sum(p.numel() for p in model.parameters())} parameters; {per_step:.2f} s/step -> {steps} steps")
-    running: list[float] = []
+    losses = LossLog(log, steps, digits=4, started=started)  # the probe's steps count towards the time
     for step in range(probe, steps):
-        running.append(optimizer_step(model, optimizer, masked_loss(model, batch(), generator)))
+        losses.add(step, optimizer_step(model.parameters(), optimizer, masked_loss(model, batch(), generator)))
         schedule.step()
-        if (step + 1) % 100 == 0:
-            log(f"step {step + 1}/{steps}: loss {sum(running) / len(running):.4f} "
-                f"({time.perf_counter() - started:.0f} s)")
-            running = []
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},

@@ -27,7 +27,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
-from ..core.objectives import noise_prediction_loss, velocity_loss
+from ..core.objectives import noise_prediction_loss, optimizer_step, velocity_loss
 from .digits import (
     DIGITS_FEATURES_FILE,
     DIGITS_GUIDANCE_SCALE,
@@ -190,10 +190,7 @@ def _fit(modules: Sequence[torch.nn.Module], batch_loss: Callable[[], torch.Tens
     started = time.perf_counter()
     for step in range(steps):
         loss = batch_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        optimizer_step(parameters, optimizer, loss)
         schedule.step()
         ema.step(parameters)
         if step % 100 == 0 or step == steps - 1:

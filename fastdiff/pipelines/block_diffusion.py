@@ -61,7 +61,7 @@ class DiffusionGemmaAdapter:
 
 
 def generate_blocks(adapter: DiffusionGemmaAdapter, schedule: Any, prompt_ids: torch.Tensor,
-                    prompt_mask: torch.Tensor, blocks: int, steps_per_block: list[int], *,
+                    prompt_mask: torch.Tensor, steps_per_block: list[int], *,
                     generator: torch.Generator | None, eos: int | None, stop_at_eos: bool,
                     confidence_stop: float | None, on_step: Callable[[int, torch.Tensor, bool], None]) -> torch.Tensor:
     """Canvas after canvas: encode what is finished, denoise the next canvas with ``schedule``.
@@ -76,6 +76,9 @@ def generate_blocks(adapter: DiffusionGemmaAdapter, schedule: Any, prompt_ids: t
     """
     batch, length = prompt_ids.shape[0], adapter.canvas_length
     device = prompt_ids.device
+    blocks = len(steps_per_block)
+    keeps = bool(schedule.config.get("keep_committed", True))  # diffusers' schedulers commit for good
+    tracked = hasattr(type(schedule), "committed_positions")
     ids, attention = prompt_ids, prompt_mask
     cache = adapter.new_cache()
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -109,11 +112,9 @@ def generate_blocks(adapter: DiffusionGemmaAdapter, schedule: Any, prompt_ids: t
                 previous = torch.where(frozen.unsqueeze(1), previous, guess)
                 if bool(frozen.all()):
                     break
-            keeps = bool(schedule.config.get("keep_committed", True))
-            committed = schedule.committed_positions if hasattr(type(schedule), "committed_positions") else None
+            committed = schedule.committed_positions if tracked else None
             if committed is not None and keeps and bool(committed.all()):
                 break
-        keeps = bool(schedule.config.get("keep_committed", True))
         final = canvas if keeps else torch.where(frozen.unsqueeze(1), canvas, prediction)
         ids = torch.cat([ids, final], dim=1)
         attention = torch.nn.functional.pad(attention, (0, length), value=1)

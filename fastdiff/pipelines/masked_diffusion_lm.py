@@ -346,8 +346,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         if limit is not None and prompt_len + gen_length > limit:
             raise ValueError(f"prompt ({prompt_len} tokens) + gen_length ({gen_length}) is longer than the model's "
                              f"maximum length {limit}")
+        per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
         if self.block_model is not None:
-            return self._call_block_model(schedule, prompt_ids, prompt_mask, blocks, steps, generator, stop_at_eos,
+            return self._call_block_model(schedule, prompt_ids, prompt_mask, per_block, generator, stop_at_eos,
                                           confidence_stop, callback_on_step_end, return_dict)
         mask_id = self.interface.mask_token_id
         uses_mask = schedule.uses_mask
@@ -370,7 +371,6 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         per_sequence = torch.zeros(batch, dtype=torch.long, device=self.device)
         seen: torch.Tensor | None = None
         logits: torch.Tensor | None = None
-        per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
         total = gen_length if schedule.adaptive else steps
         with self.progress_bar(total=total) as bar:
             for b in range(blocks):
@@ -474,18 +474,17 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
         size = getattr(getattr(self.model, "config", None), "vocab_size", None)
         return int(size) if size else len(self.tokenizer)
 
-    def _call_block_model(self, schedule: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, blocks: int,
-                          steps: int, generator: torch.Generator | None, stop_at_eos: bool,
+    def _call_block_model(self, schedule: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          per_block: list[int], generator: torch.Generator | None, stop_at_eos: bool,
                           confidence_stop: float | None, callback: Callable[..., None] | None,
                           return_dict: bool) -> MaskedDiffusionLMPipelineOutput | tuple:
         assert self.block_model is not None
-        per_block = [steps // blocks + (1 if b < steps % blocks else 0) for b in range(blocks)]
         eos = getattr(self.tokenizer, "eos_token_id", None)
         batch = prompt_ids.shape[0]
         counts = {"nfe": 0}
         self._call_index += 1
         self.ledger.start_call(self._call_index)
-        with self.progress_bar(total=steps) as bar:
+        with self.progress_bar(total=sum(per_block)) as bar:
             last = [clock.perf_counter()]
 
             def on_step(block: int, canvas: torch.Tensor, called: bool) -> None:
@@ -498,7 +497,7 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                 if callback is not None:
                     callback(self, counts["nfe"] - 1, canvas)
 
-            sequences = generate_blocks(self.block_model, schedule, prompt_ids, prompt_mask, blocks, per_block,
+            sequences = generate_blocks(self.block_model, schedule, prompt_ids, prompt_mask, per_block,
                                         generator=generator, eos=eos, stop_at_eos=stop_at_eos,
                                         confidence_stop=confidence_stop, on_step=on_step)
         texts = [self._decode(row, eos) for row in sequences]

@@ -101,17 +101,24 @@ def draw_noise(kind: str, t: torch.Tensor, shape: tuple[int, ...], vocab: int, m
     return torch.where(draw < share, torch.full_like(other, int(mask_id)), other)  # type: ignore[arg-type]
 
 
+def _step_terms(kind: str, t: torch.Tensor, s: torch.Tensor, current: torch.Tensor, vocab: int,
+                mask_id: int | None, schedule: dict) -> tuple[torch.Tensor, ...]:
+    """(α_s, a = α_t/α_s, n_s(x_t), c = n_t(x_t) − a·n_s(x_t)) per position, for times per row:
+    the terms of the exact reverse step that ``routes`` and ``transition`` both weigh."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=current.device).reshape(-1, 1)
+    s = torch.as_tensor(s, dtype=torch.float64, device=current.device).reshape(-1, 1)
+    a_t, a_s = survival(kind, t, **schedule), survival(kind, s, **schedule)
+    a = torch.where(a_s > 0, a_t / a_s.clamp_min(1e-300), torch.zeros_like(a_t))
+    here_t = noise_mass(kind, t, current, vocab, mask_id, **schedule)
+    here_s = noise_mass(kind, s, current, vocab, mask_id, **schedule)
+    return a_s, a, here_s, (here_t - a * here_s).clamp_min(0.0)
+
+
 def routes(kind: str, t: torch.Tensor, s: torch.Tensor, current: torch.Tensor, guess: torch.Tensor, vocab: int,
            mask_id: int | None, **schedule: float | str) -> torch.Tensor:
     """Per position, the normalised probabilities (x̂_0, stay, noise) of the exact reverse step
     from time ``t`` to ``s`` (per row) given the clean guess ``guess``; float64, (... × 3)."""
-    t = torch.as_tensor(t, dtype=torch.float64, device=current.device).reshape(-1, 1)
-    s = torch.as_tensor(s, dtype=torch.float64, device=current.device).reshape(-1, 1)
-    a_t, a_s = survival(kind, t, **schedule), survival(kind, s, **schedule)  # type: ignore[arg-type]
-    a = torch.where(a_s > 0, a_t / a_s.clamp_min(1e-300), torch.zeros_like(a_t))
-    here_t = noise_mass(kind, t, current, vocab, mask_id, **schedule)  # type: ignore[arg-type]
-    here_s = noise_mass(kind, s, current, vocab, mask_id, **schedule)  # type: ignore[arg-type]
-    jump = (here_t - a * here_s).clamp_min(0.0)
+    a_s, a, here_s, jump = _step_terms(kind, t, s, current, vocab, mask_id, schedule)
     same = (current == guess).double()
     weights = torch.stack([jump * a_s + a * a_s * same, a * here_s, jump * (1.0 - a_s)], dim=-1)
     total = weights.sum(-1, keepdim=True)
@@ -125,13 +132,8 @@ def transition(kind: str, t: torch.Tensor, s: torch.Tensor, current: torch.Tenso
     clean token marginalised (UDLM's and GIDD's sampler); (... × vocab) float64. Guidance combines
     two of these."""
     vocab = probs.shape[-1]
-    t = torch.as_tensor(t, dtype=torch.float64, device=current.device).reshape(-1, 1)
-    s = torch.as_tensor(s, dtype=torch.float64, device=current.device).reshape(-1, 1)
-    a_t, a_s = survival(kind, t, **schedule), survival(kind, s, **schedule)  # type: ignore[arg-type]
-    a = torch.where(a_s > 0, a_t / a_s.clamp_min(1e-300), torch.zeros_like(a_t))
-    here_t = noise_mass(kind, t, current, vocab, mask_id, **schedule)  # type: ignore[arg-type]
-    here_s = noise_mass(kind, s, current, vocab, mask_id, **schedule)  # type: ignore[arg-type]
-    jump = (here_t - a * here_s).clamp_min(0.0)
+    a_s, a, here_s, jump = _step_terms(kind, t, s, current, vocab, mask_id, schedule)
+    s = torch.as_tensor(s, dtype=torch.float64, device=current.device).reshape(-1)
     is_current = torch.nn.functional.one_hot(current, vocab).bool()
     # the three route weights for every possible clean token v at once
     clean = jump.unsqueeze(-1) * a_s.unsqueeze(-1) + (a * a_s).unsqueeze(-1) * is_current.double()
@@ -139,7 +141,7 @@ def transition(kind: str, t: torch.Tensor, s: torch.Tensor, current: torch.Tenso
     noise = (jump * (1.0 - a_s)).unsqueeze(-1).expand_as(clean)
     total = (clean + stay + noise).clamp_min(1e-300)
     p = probs.double()
-    pi_s = noise_distribution(kind, s.reshape(-1), vocab, mask_id, **schedule).unsqueeze(1)  # rows × 1 × vocab
+    pi_s = noise_distribution(kind, s, vocab, mask_id, **schedule).unsqueeze(1)  # rows × 1 × vocab
     out = p * clean / total
     out = out + is_current.double() * (p * stay / total).sum(-1, keepdim=True)
     out = out + pi_s * (p * noise / total).sum(-1, keepdim=True)

@@ -287,15 +287,13 @@ class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
         sampler = config.sampler
         if unconditional_output is not None and sampler != "posterior":
             model_output = unconditional_output + guidance_scale * (model_output - unconditional_output)
-        logits = model_output.double()
-        if mask_id is not None and mask_id < logits.shape[-1]:
-            logits[..., mask_id] = float("-inf")  # the absorbing token is never a prediction
         if sampler == "posterior":
             return self._posterior(model_output, unconditional_output, guidance_scale, t, dt, sample, active,
                                    temperature, generator, return_dict)
-        raw = model_output if mask_id is None else logits.to(model_output.dtype)
-        proposal, confidence = sample_tokens(raw if config.sampling == "multinomial" else logits, temperature,
-                                             generator, config.top_k, config.top_p, config.sampling)
+        logits = clean_logits_of(model_output, mask_id)
+        source = logits.to(model_output.dtype) if config.sampling == "multinomial" else logits
+        proposal, confidence = sample_tokens(source, temperature, generator, config.top_k, config.top_p,
+                                             config.sampling)
         pred_logits = model_output / temperature if temperature > 0 else model_output
 
         if config.corruption == "mask":
