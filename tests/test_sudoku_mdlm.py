@@ -120,3 +120,10 @@ def test_solve_command_refuses_bad_puzzles_before_loading(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["solve", "--puzzle", "0" * 81, "--sampler", "mdlm:corruption=uniform"])
     assert "corruption='mask' only" in capsys.readouterr().err
+
+
+def test_train_command_refuses_bad_numbers(capsys):
+    for flag, value in (("--minutes", "0"), ("--batch-size", "0"), ("--layers", "-1")):
+        with pytest.raises(SystemExit) as error:
+            main(["train", flag, value])
+        assert error.value.code == 2 and f"{flag} must be > 0" in capsys.readouterr().err

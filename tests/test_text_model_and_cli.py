@@ -170,3 +170,11 @@ def test_text_bench_over_seeds_at_one_temperature(saved_pipe, tmp_path):
         text_bench.main(["--model", str(saved_pipe), "--seeds", "0"])
     with pytest.raises(SystemExit):
         text_bench.main(["--model", str(saved_pipe), "--temperature", "-1"])
+
+
+def test_text_bench_refuses_a_negative_infill_count(capsys):
+    from fastdiff.evals import text_bench
+
+    with pytest.raises(SystemExit) as error:
+        text_bench.main(["--infill", "-1"])
+    assert error.value.code == 2 and "--infill: must be >= 0" in capsys.readouterr().err

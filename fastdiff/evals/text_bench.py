@@ -199,7 +199,7 @@ def cache_check(model: str, prompts: Sequence[str], gen_length: int, block_lengt
 
 @torch.no_grad()
 def infill_check(model: str, samplers: dict[str, tuple[str, int | None]], gen_length: int, windows: int = 32,
-                 span: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+                 span: int = 32, seed: int = 0, log: Any = None) -> list[dict[str, Any]]:
     """Held-out infilling: a span of ``span`` tokens cut from the middle of each of the first
     ``windows`` validation windows (192 tokens or the model's length, never trained on) is filled by each sampler; the
     share of tokens equal to the original text is a quality measure the model does not grade
@@ -232,6 +232,8 @@ def infill_check(model: str, samplers: dict[str, tuple[str, int | None]], gen_le
                      "mean_calls": round(float(calls.double().mean()), 2),
                      "infill_accuracy": round(100 * float(right), 2),
                      "seconds": round(time.perf_counter() - began, 2)})
+        if log is not None:  # one line per sampler: each takes a while on many windows
+            log(f"infilling, {label}: {rows[-1]['infill_accuracy']} % right in {rows[-1]['mean_calls']} calls")
     return rows
 
 
@@ -268,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "every compared sampler and report the share of original tokens recovered (0: skip)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.infill < 0:
+        parser.error(f"--infill: must be >= 0 (0 skips it), got {args.infill}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     n = args.gen_length
     samplers: dict[str, tuple[str, int | None]] = {
@@ -321,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          args.cache_sampler, args.seed)
         print(json.dumps(record["kv_cache"]))
     if args.infill:
-        record["infill"] = infill_check(args.model, samplers, n, args.infill, seed=args.seed)
+        record["infill"] = infill_check(args.model, samplers, n, args.infill, seed=args.seed,
+                                         log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"{'infilling, 32 of 192 tokens':34} {'model calls':>11} {'tokens right %':>15}")
         for row in record["infill"]:
             print(f"{row['label']:34} {row['mean_calls']:>11.1f} {row['infill_accuracy']:>15.2f}")

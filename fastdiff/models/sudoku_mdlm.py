@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluator.add_argument("--seed", type=int, default=0)
     evaluator.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        for name in ("minutes", "batch_size", "learning_rate", *DEFAULTS):
+            if not getattr(args, name) > 0:
+                parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "solve":
         return _solve_one(parser, args)
