@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastdiff.caching import BlockCache, DeepCache
 from fastdiff.caching.block_calibration import calibrate
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.quality import denoiser_flops, evaluate_quality, plot_speed_quality
 from fastdiff.models.builtin import load_pipeline
 from fastdiff.models.digits import DIGITS_GUIDANCE_SCALE, DIGITS_IMAGE_SIZE, digit_prompt
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--baseline-steps", default="10,17,25")
     parser.add_argument("--json", default="blockcache_digits.json")
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
 
     pipe = load_pipeline("digits")
     pipe.set_progress_bar_config(disable=True)

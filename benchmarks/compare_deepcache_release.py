@@ -16,6 +16,7 @@ import torch
 from DeepCache import DeepCacheSDHelper
 
 import fastdiff
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.bench import print_medians, shuffled_rounds
 from fastdiff.models import build_builtin
 
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--branch", type=int, default=0)
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
 
     pipe = build_builtin("sd15-arch")
     pipe.set_progress_bar_config(disable=True)

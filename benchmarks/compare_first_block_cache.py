@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fastdiff
 from fastdiff.anatomy import anatomy_of
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.bench import print_medians, psnr, shuffled_rounds
 from fastdiff.media import pipeline_outputs
 from fastdiff.models import build_builtin
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--branch", type=int, default=1, help="fastdiff DeepCache: live blocks at each end")
     parser.add_argument("--count-only", action="store_true", help="only the FLOP and block counts (no timing)")
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
 
     pipe = build_builtin(args.model)
     pipe.set_progress_bar_config(disable=True)

@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from tgate import TgateSDLoader
 
 import fastdiff
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.bench import print_medians, psnr, shuffled_rounds
 from fastdiff.models import build_builtin
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--gate-step", type=int, default=10)
     parser.add_argument("--interval", type=int, default=3, help="DeepCache interval")
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
 
     pipe = build_builtin("sd15-arch")
     pipe.set_progress_bar_config(disable=True)

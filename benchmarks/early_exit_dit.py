@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
 import fastdiff
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.bench import print_medians, shuffled_rounds
 from fastdiff.models import build_builtin
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
     pipe = build()
     settings = {
         "vanilla": [],

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fastdiff.check_only import exit_if_check_only
 from fastdiff.evals.quality import SEED_CHECK
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report")
     args = parser.parse_args()
+    exit_if_check_only(parser.prog)
     data = json.loads(Path(args.report).read_text())
     points = data["points"]
     noise = data.get("seed_noise") or 0.0

@@ -7,11 +7,12 @@ import functools
 import logging
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # transformers announces, once per image-processor class, that it falls back to PIL when
 # torchvision is absent (always, with the CPU torch); on a command line that is only noise.
@@ -29,24 +30,66 @@ from .cli_checks import (  # noqa: E402
     multiple_of_8,
     one_line,
 )
+from .catalog import BUILTIN_MODELS, DEFAULT_MODEL, METHOD_SPECS, method_help, model_help  # noqa: E402
 from .cli_text import add_text_parser  # noqa: E402
-from .core.accelerator import apply  # noqa: E402
-from .core.method import METHODS, Method, parse_method  # noqa: E402
-from .models import BUILTIN_MODELS, builtin_info  # noqa: E402
 
-DEFAULT_MODEL = "digits"
+# torch, diffusers and transformers load inside the commands, never here: `fastdiff --help`
+# and a mistake on the command line answer at once (tests/test_cli_startup.py).
+if TYPE_CHECKING:
+    from .core.method import Method
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, and keeps the indented rows of a table (the methods and
+    models under a command's help) as written instead of running them into one paragraph."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help = action.help or ""
+        default = action.default
+        if "%(default)" in help or "(default" in help or default is None or default is False or default == [] \
+                or default == argparse.SUPPRESS:
+            return help
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return help
+        return f"{help} (default: %(default)s)" if help else "default: %(default)s"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # never break inside a name such as tiny-flux or low-confidence
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for line in text.splitlines():
+            keep = line.startswith(" ") or (len(line) + len(indent) <= width and line.endswith(":"))
+            paragraphs.append(indent + line if keep else textwrap.fill(
+                " ".join(line.split()), width, initial_indent=indent, subsequent_indent=indent,
+                break_on_hyphens=False))
+        return "\n".join(paragraphs)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line (no usage block): ``fastdiff generate: error: ...``."""
+    """argparse whose mistakes are one line (no usage block): ``fastdiff generate: error: ...``;
+    its help (and its commands') shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _method(spec: str) -> Method:
-    """A method spec, checked whole at parse time (names, values, and files it names)."""
+    """A method spec, checked whole at parse time (names, values, and files it names); the
+    spec parser (and torch with it) loads only when a spec is given, and a name that is no
+    method is refused before it loads."""
+    name = spec.strip().partition(":")[0].strip().lower()
+    if name not in METHOD_SPECS:
+        raise argparse.ArgumentTypeError(f"--method {spec!r}: unknown method {name!r}; allowed: {sorted(METHOD_SPECS)}")
+    from .core.method import parse_method
+
     try:
         return parse_method(spec)
     except (ValueError, TypeError, OSError) as exc:
@@ -54,6 +97,10 @@ def _method(spec: str) -> Method:
 
 
 def _device(text: str) -> str:
+    """A torch device, checked at parse time; ``auto`` (the default, always valid) without
+    loading torch, so that a mistake elsewhere on the line is reported at once."""
+    if text == "auto":
+        return text
     from .runner import resolve_device
 
     try:
@@ -108,53 +155,67 @@ def _int_list(text: str) -> list[int]:
 
 def _common(parser: argparse.ArgumentParser, methods: bool = True) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), local folder or hub id "
+                        help=f"built-in name ({', '.join(BUILTIN_MODELS)}; see below), local folder or hub id "
                              f"(default: {DEFAULT_MODEL})")
     parser.add_argument("--prompt", default=None,
                         help="text prompt, or class name/index for class-conditional models "
                              "(default: the built-in model's example prompt)")
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     parser.add_argument("--steps", type=int_at_least(1), default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int_at_least(0), default=0)
-    parser.add_argument("--height", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
-    parser.add_argument("--width", type=multiple_of_8, default=None, help="pixels, a multiple of 8")
-    parser.add_argument("--guidance-scale", type=float_range(0), default=None)
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed of the initial noise")
+    parser.add_argument("--height", type=multiple_of_8, default=None,
+                        help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--width", type=multiple_of_8, default=None,
+                        help="pixels, a multiple of 8 (default: the model's)")
+    parser.add_argument("--guidance-scale", type=float_range(0), default=None,
+                        help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--frames", type=int_at_least(1), default=None,
                         help="video models: frames to generate (default: the model's)")
     if methods:
         parser.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
-                            help=f"acceleration, repeatable: name[:key=value,...]; methods: {', '.join(sorted(METHODS))}")
+                            help="acceleration, repeatable, composed together: name[:key=value,...], e.g. "
+                                 "deepcache:interval=3; the methods are listed below (default: none, vanilla)")
     parser.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="fastdiff", description="Faster diffusion sampling for diffusers pipelines.")
+    parser = Parser(prog="fastdiff", description="Faster diffusion sampling for diffusers pipelines.",
+                    epilog="Run fastdiff COMMAND --help for a command's options; generate and bench list the "
+                           "methods (--method) and built-in models (--model).")
     parser.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     parser.commands = commands.choices  # type: ignore[attr-defined]
 
-    gen = commands.add_parser("generate", help="generate an image with a pipeline, accelerated")
+    gen = commands.add_parser("generate", help="generate an image with a pipeline, accelerated",
+                              description="Generate one image (or video) with a pipeline, accelerated by the "
+                                          "--method list, and print what the methods saved.",
+                              epilog=f"{method_help()}\n\n{model_help()}")
     _common(gen)
     gen.add_argument("--out", default="image.png",
                      help="output image (.png, .jpg, ...); a video model writes an animated .png (APNG), .gif or .webp")
     gen.add_argument("--no-flops", action="store_true", help="do not count FLOPs (faster on large models)")
     gen.add_argument("--show-plan", action="store_true", help="print the reuse plan before generating")
 
-    bench = commands.add_parser("bench", help="time vanilla vs accelerated side by side in one process")
+    bench = commands.add_parser("bench", help="time vanilla vs accelerated side by side in one process",
+                                description="Time vanilla and accelerated (the --method list) side by side in one "
+                                            "process; --quality scores images instead, --parallel times N processes.",
+                                epilog=f"{method_help()}\n\n{model_help()}")
     _common(bench)
-    bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls first (default 1)")
-    bench.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls of each (default 3)")
+    bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls first")
+    bench.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls of each")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON result")
     parallel = bench.add_argument_group("patch parallelism")
     parallel.add_argument("--parallel", type=int_at_least(2), default=None, metavar="N",
-                          help="compare one process with N processes started by the harness (the --method list, "
-                               "which must include one patch:... method, and each --variant)")
+                          help="compare one process with N processes started by the harness, running the --method "
+                               "list and each --variant; a setting without a patch:... method gets the default one "
+                               "(patch:mode=distrifusion) added, and none may have two")
     parallel.add_argument("--threads", type=int_at_least(1), default=None,
                           help="torch threads per process (equal compute per process)")
     quality = bench.add_argument_group("quality (digits models: digits, digits-sd3)")
     quality.add_argument("--quality", action="store_true",
-                         help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image")
+                         help="score FID-digits, fidelity to vanilla and prompt adherence instead of timing one image "
+                              "(needs the eval extra: pip install -e \".[eval]\")")
     quality.add_argument("--variant", type=_variant, action="append", default=[], metavar="SPEC[+SPEC]",
                          help="another method setting to compare, repeatable; '+' composes methods; a trailing @N runs it "
                               "at N steps (with --quality)")
@@ -187,11 +248,14 @@ def _calibrate_parser(commands: argparse._SubParsersAction) -> None:
                         help="δ: accumulated change before recomputing")
     choice.add_argument("--budget", type=float_range(0, 1, low_open=True), default=None,
                         help="share of block evaluations to keep, (0, 1]")
-    cal.add_argument("--granularity", choices=("layer", "attention", "block"), default="layer")
-    cal.add_argument("--cache", choices=("residual", "output"), default="residual")
+    cal.add_argument("--granularity", choices=("layer", "attention", "block"), default="layer",
+                     help="what one cached unit is")
+    cal.add_argument("--cache", choices=("residual", "output"), default="residual",
+                     help="cache each unit's residual (its change to its input) or its output")
     cal.add_argument("--align", action="store_true", help="also fit the per-channel scale/shift of cached values")
     cal.add_argument("--out", default="calibration.json", help="where to write the calibration")
-    cal.add_argument("--plot", default=None, help="also plot the per-block change curves (PNG)")
+    cal.add_argument("--plot", default=None,
+                     help="also plot the per-block change curves (PNG; needs matplotlib, in the eval extra)")
 
 
 def _request(args: argparse.Namespace):
@@ -210,7 +274,8 @@ def _image_suffixes() -> list[str]:
     return [ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE]
 
 
-def check_model_argument(model: str, argument: str = "--model", builtins: Sequence[str] = BUILTIN_MODELS) -> None:
+def check_model_argument(model: str, argument: str = "--model",
+                         builtins: Sequence[str] = tuple(BUILTIN_MODELS)) -> None:
     """A ``--model`` that is meant as a path must be a folder; hub ids are left to the loader."""
     from .models.builtin import looks_like_path
 
@@ -225,10 +290,12 @@ def check_model_argument(model: str, argument: str = "--model", builtins: Sequen
 
 
 def _load(args: argparse.Namespace, device: str | None = None):
+    from .check_only import exit_if_check_only
     from .media import makes_video
     from .models import ModelLoadError
     from .runner import load
 
+    exit_if_check_only(f"fastdiff {args.command}")
     try:
         pipe = load(args.model, device or args.device, args.dtype)
     except ModelLoadError as exc:
@@ -252,7 +319,28 @@ def _check_patches(pipe, methods: list[Method], request, world_size: int) -> str
     return None
 
 
+def _check_size(request, device: str, model: str) -> None:
+    """Before loading: a size whose decoded image alone cannot fit in memory is refused at once
+    (the loaded pipeline's VAE sharpens the estimate later, see :func:`_check_request`)."""
+    from .models import builtin_info, is_builtin
+    from .runner import check_memory, resolve_device
+
+    if not is_builtin(model) or builtin_info(model).takes_size:  # DiT draws its own fixed size
+        check_memory(request, resolve_device(device))
+
+
+def _check_request(pipe, request, step_counts: Sequence[int | None] = ()) -> None:
+    """On the loaded pipeline, before any call: the step counts its scheduler can run (the
+    request's and ``step_counts``), the class label, the memory the size needs."""
+    from .runner import check_request, check_steps
+
+    check_request(pipe, request)
+    for steps in sorted({s for s in step_counts if s is not None and s != request.steps}):
+        check_steps(pipe, steps)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .core.accelerator import apply
     from .media import VIDEO_SUFFIXES, Video, makes_video, save_output
     from .parallel.group import is_main_process, launched_device, launched_world_size
     from .runner import generate, prepare_methods
@@ -260,9 +348,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output_file("--out", args.out, _image_suffixes(), "an image format Pillow writes (.png, .jpg, .webp, ...)")
     check_model_argument(args.model)
     request = _request(args)
+    _check_size(request, launched_device(args.device), args.model)
     pipe = _load(args, launched_device(args.device))
     if makes_video(pipe):
         check_output_file("--out", args.out, list(VIDEO_SUFFIXES), "an animated image: .png (APNG), .gif or .webp")
+    _check_request(pipe, request)
     split = _check_patches(pipe, args.method, request, launched_world_size())
     args.method = prepare_methods(pipe, args.method, request, args.model)
     accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
@@ -271,14 +361,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = generate(pipe, request)[0]
     if not is_main_process():  # every process computed the same image; one writes it
         return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder exists: checked above, and never made
     save_output(image, out)
     methods = ", ".join(m.spec() for m in args.method) or "no method"
     frames = f", {len(image)} frames" if isinstance(image, Video) else ""
     print(f"wrote {out} ({image.width}x{image.height}{frames}) with {methods}: {accelerator.report().summary()}")
     if split is not None and launched_world_size() > 1:
-        print(f"split over {launched_world_size()} processes: {split}")
+        print(f"split across {launched_world_size()} processes: {split}")
     return 0
 
 
@@ -302,7 +391,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--threads: only with --parallel")
     _refuse_quality_options(args)
     request = _request(args)
+    _check_size(request, args.device, args.model)
     pipe = _load(args)
+    _check_request(pipe, request)
     args.method = prepare_methods(pipe, args.method, request, args.model)
     result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
     print(result)
@@ -334,7 +425,9 @@ def _parallel_bench(args: argparse.Namespace) -> int:
         if not any(isinstance(m, PatchParallel) for m in methods):
             specs.append(PatchParallel().spec())
         settings["+".join(specs)] = specs
-    result = parallel_benchmark(args.model, _request(args), settings, args.parallel, warmup=args.warmup,
+    request = _request(args)
+    _check_size(request, args.device, args.model)
+    result = parallel_benchmark(args.model, request, settings, args.parallel, warmup=args.warmup,
                                 repeats=args.repeats, threads=args.threads, device=args.device, dtype=args.dtype)
     print(result)
     Path(args.json).write_text(result.to_json())
@@ -344,6 +437,7 @@ def _parallel_bench(args: argparse.Namespace) -> int:
 
 def _quality_bench(args: argparse.Namespace) -> int:
     from .evals.quality import evaluate_quality, plot_speed_quality
+    from .models import builtin_info
     from .runner import prepare_methods
 
     digits_models = [name for name in BUILTIN_MODELS if builtin_info(name).digits_task]
@@ -357,8 +451,15 @@ def _quality_bench(args: argparse.Namespace) -> int:
     peers = [setting for settings in args.peer for setting in settings]
     if not chosen and not peers:
         raise UsageError("--quality needs at least one --method, --variant or --peer to compare with vanilla")
+    from .cli_checks import require_packages
+
+    # FID (torchmetrics, scipy), the real digits (scikit-learn) and the plot (matplotlib)
+    require_packages("--quality", "torchmetrics", "scipy", "sklearn", "matplotlib")
+    batch = replace(request, batch_size=args.batch_size or 250)
+    _check_size(batch, args.device, args.model)
     pipe = _load(args)
     chosen = [v if isinstance(v, _Variant) else _Variant(v) for v in chosen]
+    _check_request(pipe, batch, [*(args.baseline_steps or [10, 20, 30]), *(v.steps for v in chosen)])
     variants = {v.label: prepare_methods(pipe, v, replace(request, steps=v.steps or request.steps), args.model)
                 for v in chosen}
     variant_steps = {v.label: v.steps for v in chosen if v.steps is not None}
@@ -385,7 +486,9 @@ def _fid_parser(commands: argparse._SubParsersAction) -> None:
                     "PSNR and max |diff| of the pairs, and with --real FID of each against real images. "
                     "Images of a folder that differ in size or mode from its first image are converted to RGB "
                     "and resized to it, with a warning. Under torchrun each rank takes every world-th seed (or "
-                    "image); rank 0 prints and writes --json.",
+                    "image); rank 0 prints and writes --json. Needs the eval extra (torchmetrics, scipy): "
+                    "pip install -e \".[eval]\".",
+        epilog=method_help(),
     )
     fid.add_argument("real_dir", nargs="?", metavar="REAL_DIR", help="reference images (folder mode)")
     fid.add_argument("fake_dir", nargs="?", metavar="FAKE_DIR", help="generated images (folder mode)")
@@ -408,17 +511,21 @@ def _fid_parser(commands: argparse._SubParsersAction) -> None:
                         help="one prompt per line (blank lines ignored); seed s uses prompt s mod count")
     paired.add_argument("--seeds", default=None, help="e.g. 0-999, 0,5,7 or 0-9,20-29")
     paired.add_argument("--method", type=_method, action="append", default=[], metavar="SPEC",
-                        help="acceleration of the accelerated images, repeatable (all applied together)")
+                        help="acceleration of the accelerated images, repeatable (all applied together); "
+                             "the methods are listed below")
     paired.add_argument("--reference", default="vanilla", choices=["vanilla"],
                         help="what the accelerated images are compared with (default: vanilla)")
     paired.add_argument("--out-dir", default=None, metavar="DIR",
                         help="images go to DIR/vanilla/ and DIR/accelerated/; existing ones are reused")
     paired.add_argument("--real", default=None, metavar="REAL_DIR", help="also FID of each against these images")
-    paired.add_argument("--steps", type=int_at_least(1), default=None)
-    paired.add_argument("--height", type=multiple_of_8, default=None)
-    paired.add_argument("--width", type=multiple_of_8, default=None)
-    paired.add_argument("--guidance-scale", type=float_range(0), default=None)
-    paired.add_argument("--negative-prompt", default=None)
+    paired.add_argument("--steps", type=int_at_least(1), default=None, help="denoising steps (default: the model's)")
+    paired.add_argument("--height", type=multiple_of_8, default=None,
+                        help="pixels, a multiple of 8 (default: the model's)")
+    paired.add_argument("--width", type=multiple_of_8, default=None,
+                        help="pixels, a multiple of 8 (default: the model's)")
+    paired.add_argument("--guidance-scale", type=float_range(0), default=None,
+                        help="classifier-free guidance scale (default: the model's)")
+    paired.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
     paired.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
 
 
@@ -482,6 +589,12 @@ def cmd_fid(args: argparse.Namespace) -> int:
     from .evals.fid import init_distributed_from_env, rank_and_world
 
     _check_fid(args)
+    from .cli_checks import require_packages
+
+    # Both modes end in torchmetrics' Fréchet distance, paired mode after hours of generating; the
+    # torch-fidelity and weights --features inception needs are checked as the extractor loads,
+    # which is also before any image is read or written.
+    require_packages("FID", "torchmetrics", "scipy")
     created = init_distributed_from_env(args.device)
     try:
         try:
@@ -506,10 +619,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_file("--out", args.out, [".json"])
     check_output_file("--plot", args.plot, [".png"])
     check_model_argument(args.model)
+    if args.plot:
+        from .cli_checks import require_packages
+
+        require_packages("--plot", "matplotlib")
     request = _request(args)
     method = BlockCache(threshold=args.threshold, budget=args.budget, granularity=args.granularity,
                         cache=args.cache, align=args.align)
+    _check_size(request, args.device, args.model)
     pipe = _load(args)
+    _check_request(pipe, request)
     (ready,) = prepare_methods(pipe, [method], request, args.model)
     print(ready.plan())
     print(f"keeps {ready.kept_fraction():.1%} of block evaluations ({ready.kept_fraction('flops'):.1%} of their FLOPs) "
@@ -561,9 +680,8 @@ def _one_line_warning(prefix: str, message: Warning | str, category: type[Warnin
 def _leave_process_group() -> None:
     """A launched command leaves its process group before exit: a gloo group still open when
     the interpreter shuts down can abort the process ("terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not loaded: no group was started, and none to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -11,6 +11,7 @@ write) is judged here, and each failure names the argument it is about. Argument
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ __all__ = [
     "int_at_least",
     "multiple_of_8",
     "one_line",
+    "require_packages",
 ]
 
 
@@ -86,13 +88,6 @@ def multiple_of_8(text: str) -> int:
     return value
 
 
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path(".")
-
-
 def _probe_folder(folder: Path, argument: str, target: Path) -> None:
     """Whether a file can be created in ``folder``: try it (permission bits do not tell, for
     root or on special file systems such as /proc); the probe is removed at once."""
@@ -109,9 +104,10 @@ def _probe_folder(folder: Path, argument: str, target: Path) -> None:
 
 def check_output_file(argument: str, path: str | os.PathLike | None,
                       suffixes: Iterable[str] | None = None, kind: str | None = None) -> None:
-    """``path`` can be written (its folder exists or can be made, and takes files) and, if
-    ``suffixes`` is given, has one of them (``kind`` names them when the list is long). Nothing
-    is left behind by the check."""
+    """``path`` can be written (its folder exists and takes files) and, if ``suffixes`` is given,
+    has one of them (``kind`` names them when the list is long). A missing folder is refused,
+    not made: a mistyped path would otherwise leave a tree of folders the user did not mean.
+    Nothing is left behind by the check."""
     if path is None:
         return
     target = Path(os.path.expanduser(os.fspath(path)))
@@ -123,17 +119,32 @@ def check_output_file(argument: str, path: str | os.PathLike | None,
         raise UsageError(f"{argument}: {str(path)!r} is a folder; give a file name")
     if target.exists() and not os.access(target, os.W_OK):
         raise UsageError(f"{argument}: cannot write {str(path)!r}: the file is read-only")
-    _probe_folder(_nearest_existing(target.parent), argument, target)
+    _check_parent(argument, target, "cannot write")
+    _probe_folder(target.parent, argument, target)
 
 
 def check_output_folder(argument: str, path: str | os.PathLike | None) -> None:
-    """``path`` is a folder that exists and takes files, or one that can be made."""
+    """``path`` is a folder that exists and takes files, or one whose parent exists: a command
+    makes the last level of an output folder, never a tree of missing parents (as for files)."""
     if path is None:
         return
     target = Path(os.path.expanduser(os.fspath(path)))
     if target.exists() and not target.is_dir():
         raise UsageError(f"{argument}: {str(path)!r} is a file, not a folder")
-    _probe_folder(_nearest_existing(target), argument, target)
+    if target.is_dir():
+        _probe_folder(target, argument, target)
+        return
+    _check_parent(argument, target, "cannot create folder",
+                  "; fastdiff creates only the last level of an output folder")
+    _probe_folder(target.parent, argument, target)
+
+
+def _check_parent(argument: str, target: Path, action: str, note: str = "") -> None:
+    parent = target.parent
+    if not parent.exists():
+        missing = next(p for p in reversed((parent, *parent.parents)) if not p.exists())
+        raise UsageError(f"{argument}: {action} {str(target)!r}: folder {str(missing)!r} does not exist"
+                         f" (create it first{note})")
 
 
 def check_input_file(argument: str, path: str | os.PathLike | None) -> None:
@@ -155,3 +166,41 @@ def _check_input(argument: str, path: str | os.PathLike | None, folder: bool) ->
         raise UsageError(f"{argument}: {str(path)!r} is not a {kind}")
     if not os.access(target, os.R_OK | (os.X_OK if folder else 0)):
         raise UsageError(f"{argument}: cannot read {kind} {str(path)!r} (permission denied)")
+
+
+# Optional packages by import name: what pip calls them, and the extra of pyproject.toml that
+# brings them (None: in no extra, installed on its own).
+OPTIONAL_PACKAGES: dict[str, tuple[str, str | None]] = {
+    "matplotlib": ("matplotlib", "eval"),
+    "scipy": ("scipy", "eval"),
+    "sklearn": ("scikit-learn", "eval"),
+    "torchmetrics": ("torchmetrics", "eval"),
+    "torch_fidelity": ("torch-fidelity", None),
+}
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (some take seconds). A name set
+    to None in ``sys.modules`` counts as missing, as ``import`` treats it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_packages(argument: str, *modules: str) -> None:
+    """Refuse, before any work, a request whose ``argument`` needs optional packages that are
+    not installed, naming them and the pip command that installs them (the extra, where one
+    has them all). Every command checks its optional dependencies here, so that none of them
+    computes for an hour and then fails on a missing import while writing its result."""
+    missing = [m for m in dict.fromkeys(modules) if not _installed(m)]
+    if not missing:
+        return
+    names = [OPTIONAL_PACKAGES.get(m, (m, None))[0] for m in missing]
+    extras = {OPTIONAL_PACKAGES.get(m, (m, None))[1] for m in missing}
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    if len(extras) == 1 and None not in extras:
+        install = f'pip install -e ".[{extras.pop()}]" (or pip install {" ".join(names)})'
+    else:
+        install = f"pip install {' '.join(names)}"
+    raise UsageError(f"{argument} needs {listed}: {install}")

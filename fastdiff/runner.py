@@ -7,7 +7,9 @@ pipeline and a class-conditional one (DiT) are driven the same way and seeds mea
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,8 +96,29 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> DiffusionPipe
     """Load a pipeline by builtin name, local path or hub id, placed on the device."""
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    pipe = load_pipeline(model, torch_dtype=torch_dtype)
+    with _loading_bars_off(is_builtin(model)):
+        pipe = load_pipeline(model, torch_dtype=torch_dtype)
     return pipe.to(target)
+
+
+@contextmanager
+def _loading_bars_off(off: bool) -> Iterator[None]:
+    """No loading bars for a built-in: its weights ship in the package and load in a moment, and
+    the bars (diffusers' per component, transformers' per weight file) would be the only lines
+    printed before an error about the request, or before the one line of a result."""
+    from transformers.utils import logging as transformers_logging
+
+    from .core.progress import all_bars_off
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if off:
+        transformers_logging.disable_progress_bar()
+    try:
+        with all_bars_off(off):
+            yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def call_kwargs(pipe: DiffusionPipeline, request: GenerationRequest) -> dict[str, Any]:
@@ -130,19 +153,206 @@ def _caption_cleaning_available() -> bool:
     return is_bs4_available() and is_ftfy_available()
 
 
+class RequestError(ValueError):
+    """A request this pipeline cannot run (too many steps for its scheduler, a class it does not
+    have, a size that cannot fit in memory). The message starts with the command-line option it
+    is about (``--steps: ...``), which is also the request field's name."""
+
+
 def _class_labels(pipe: DiffusionPipeline, prompt: str) -> list[int]:
-    """Class-conditional pipelines take a label: an integer, or a name the pipeline knows."""
-    if prompt.strip().isdigit():
-        return [int(prompt)]
+    """Class-conditional pipelines take a label: an integer in the model's range, or a name the
+    pipeline knows. Anything else would fail deep in the embedding lookup with an IndexError."""
     labels = getattr(pipe, "labels", None) or {}
+    count = class_count(pipe)
+    allowed = f"a class index 0-{count - 1}" if count else "a class index"
+    if labels:
+        named = sorted(labels.items(), key=lambda item: item[1])
+        allowed += " or a class name: " + ", ".join(f"{name} ({index})" for name, index in named[:10])
+        allowed += ", ..." if len(named) > 10 else ""
+    text = prompt.strip()
+    if text.lstrip("+-").isdigit():
+        label = int(text)
+        if label < 0 or (count is not None and label >= count):
+            raise RequestError(f"--prompt: class {label} is out of range for this class-conditional model; "
+                               f"give {allowed}")
+        return [label]
     if prompt in labels:
         return [labels[prompt]]
     if labels:
-        raise ValueError(
-            f"prompt: {prompt!r} is not a class of this class-conditional model; use a class index "
-            f"or one of {sorted(labels)[:10]}"
-        )
+        raise RequestError(f"--prompt: {prompt!r} is not a class of this class-conditional model; give {allowed}")
     return [0]
+
+
+def class_count(pipe: DiffusionPipeline) -> int | None:
+    """How many classes a class-conditional denoiser embeds (DiT: ``num_embeds_ada_norm``; the
+    label one past them is the unconditional one guidance uses); None when it does not say."""
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    config = getattr(denoiser, "config", None)
+    for key in ("num_embeds_ada_norm", "num_class_embeds", "num_classes"):
+        value = config.get(key) if config is not None and hasattr(config, "get") else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _scheduler_runs(scheduler: Any, steps: int) -> bool:
+    """Whether ``scheduler`` gets through a whole call of ``steps`` steps: a dry run of a copy on
+    a one-element sample. The limit is the scheduler's own arithmetic (DDIM with a step offset
+    indexes past its training timesteps at their full count, multistep solvers run out of
+    distinct noise levels sooner), so running it is the one test that holds for every scheduler."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    sample = torch.zeros(1, 1, 1, 1)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = type(scheduler).from_config(scheduler.config)
+            options = {"mu": 1.0} if probe.config.get("use_dynamic_shifting") else {}  # required then; any value
+            probe.set_timesteps(steps, **options)
+            for t in probe.timesteps:
+                model_input = probe.scale_model_input(sample, t) if hasattr(probe, "scale_model_input") else sample
+                sample = probe.step(torch.zeros_like(model_input), t, sample, return_dict=False)[0]
+    except Exception:  # noqa: BLE001 - any failure of the dry run is the answer "no"
+        return False
+    finally:
+        diffusers_logging.set_verbosity(level)
+    return True
+
+
+STEPS_PER_TRAINING_TIMESTEP = 10
+"""Step counts are limited to this many times the scheduler's training timesteps even where it
+would run more (flow matching's continuous noise levels): past that, no two steps differ in a
+way the model was trained to tell apart, while the dry run and the call's arrays grow with the
+count (a billion steps would fail allocating them)."""
+
+
+def steps_limit(scheduler: Any) -> int:
+    config = getattr(scheduler, "config", None)
+    trained = config.get("num_train_timesteps") if config is not None and hasattr(config, "get") else None
+    return STEPS_PER_TRAINING_TIMESTEP * int(trained or 1000)
+
+
+def max_steps(scheduler: Any, steps: int) -> int | None:
+    """None when ``scheduler`` runs ``steps`` steps; else the most it runs below that (found by
+    doubling from a few steps, then bisection), and never more than :func:`steps_limit`. A
+    scheduler the dry run cannot drive even at a few steps is not judged (None): that is no
+    reason to refuse a request."""
+    if scheduler is None or not hasattr(scheduler, "set_timesteps"):
+        return None
+    limit = steps_limit(scheduler)
+    if steps > limit:
+        return max_steps(scheduler, limit) or limit
+    if _scheduler_runs(scheduler, steps):
+        return None
+    if steps > 1 and _scheduler_runs(scheduler, steps - 1):
+        return steps - 1  # the usual case: the training timestep count, one past an offset
+    low, high = min(steps - 2, 4), steps - 1
+    if low < 1 or not _scheduler_runs(scheduler, low):
+        return None
+    # doubling first: a run that fails stops where it fails, so small probes keep the search short
+    while 2 * low < high and _scheduler_runs(scheduler, 2 * low):
+        low *= 2
+    high = min(high, 2 * low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _scheduler_runs(scheduler, middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def check_steps(pipe: DiffusionPipeline, steps: int) -> None:
+    """Refuse a step count the pipeline's scheduler cannot run, naming the most it can."""
+    scheduler = getattr(pipe, "scheduler", None)
+    most = max_steps(scheduler, steps)
+    if most is not None:
+        trained = scheduler.config.get("num_train_timesteps")
+        beyond = (f"; past {STEPS_PER_TRAINING_TIMESTEP} steps per training timestep none differ"
+                  if most == steps_limit(scheduler) else "")
+        raise RequestError(
+            f"--steps: {steps} steps is more than this pipeline's {type(scheduler).__name__} can run"
+            + (f" (trained on {trained} timesteps)" if trained else "") + f"; at most {most}{beyond}")
+
+
+def _format_bytes(value: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value / 2**10:.1f} KiB"
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """What the device can still give out: free GPU memory, or the system's available memory
+    (Linux ``MemAvailable``) for the CPU; None where it is not known."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type == "cpu":
+        from .parallel.group import available_memory_bytes
+
+        return available_memory_bytes()
+    return None
+
+
+def pixel_bytes(pipe: DiffusionPipeline | None) -> int:
+    """Bytes per output pixel a call needs at least, whatever the model: the decoded image in
+    float32 twice (the VAE's output and the post-processed copy) and, with a VAE, its decoder's
+    widest full-resolution activation twice (the input and output of its last convolutions).
+    A lower bound: a request it refuses cannot run; one it passes may still need more."""
+    per_pixel = 2 * 3 * 4
+    vae = getattr(pipe, "vae", None) if pipe is not None else None
+    config = getattr(vae, "config", None)
+    channels = getattr(config, "block_out_channels", None) or [getattr(config, "base_dim", None)]  # Wan: base_dim
+    if channels[0]:
+        dtype = getattr(vae, "dtype", torch.float32)
+        per_pixel += 2 * int(channels[0]) * torch.empty((), dtype=dtype).element_size()
+    return per_pixel
+
+
+def check_memory(request: GenerationRequest, device: torch.device, pipe: DiffusionPipeline | None = None) -> None:
+    """Refuse a size that cannot fit in the memory the device has free, with the numbers and the
+    largest square size that could (checked against a lower bound, see :func:`pixel_bytes`)."""
+    if request.height is None or request.width is None:
+        return
+    if pipe is not None and "height" not in inspect.signature(type(pipe).__call__).parameters:
+        return  # a fixed-size model (DiT): the request's size is not used
+    free = free_memory_bytes(device)
+    if free is None:
+        return
+    images = request.batch_size * (request.num_frames or 1)
+    per_pixel = pixel_bytes(pipe) * images
+    need = request.height * request.width * per_pixel
+    if need <= free:
+        return
+    side = int((free / per_pixel) ** 0.5) // 8 * 8
+    what = f"{request.height}x{request.width}" + (f" x {images} images" if images > 1 else "")
+    raise RequestError(
+        f"--height/--width: {what} needs at least {_format_bytes(need)} of memory (the decoded image"
+        + (" and the VAE decoder's full-size activations" if pipe is not None and getattr(pipe, "vae", None) else "")
+        + f"), but {device.type} has {_format_bytes(free)} free; "
+        + (f"at most about {side}x{side} fits" if side >= 8 else "no size fits"))
+
+
+def check_request(pipe: DiffusionPipeline, request: GenerationRequest) -> None:
+    """Everything about a request that can be judged on the loaded pipeline before any call:
+    the step count its scheduler can run, the class label of a class-conditional model, and the
+    memory the size needs. Each failure is a :class:`RequestError` naming the option."""
+    check_steps(pipe, request.steps or pipeline_default_steps(pipe))
+    check_prompt(pipe, request.prompt)
+    check_memory(request, getattr(pipe, "device", torch.device("cpu")), pipe)
+
+
+def check_prompt(pipe: DiffusionPipeline, prompt: str) -> None:
+    """A class-conditional pipeline's prompt must name one of its classes; text prompts are free."""
+    if "class_labels" in inspect.signature(type(pipe).__call__).parameters:
+        _class_labels(pipe, prompt)
 
 
 def generate(pipe: DiffusionPipeline, request: GenerationRequest, output_type: str = "pil") -> Any:

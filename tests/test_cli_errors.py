@@ -84,6 +84,28 @@ CASES = [
     (["generate", "--model", "tiny-sd", "--frames", "5"], "--frames"),
     (["generate", "--model", "tiny-wan", "--frames", "0"], "--frames"),
     (["generate", "--model", "tiny-wan", "--out", "video.jpg"], "--out"),
+    # requests the loaded pipeline cannot run, refused before its first call
+    (["generate", "--model", "digits", "--steps", "1000"], "--steps: 1000 steps is more than"),
+    (["generate", "--model", "tiny-sd", "--steps", "1000"], "--steps: 1000 steps is more than"),
+    (["generate", "--model", "tiny-sd", "--steps", "1000"], "at most 999"),
+    (["generate", "--model", "tiny-sd", "--height", "1000000", "--width", "1000000"], "--height/--width"),
+    (["generate", "--model", "tiny-sd", "--height", "1000000", "--width", "1000000"], "at most about"),
+    (["generate", "--model", "tiny-dit", "--prompt", "99999"], "--prompt: class 99999"),
+    (["generate", "--model", "tiny-dit", "--prompt", "99999"], "0-999"),
+    (["generate", "--model", "tiny-dit", "--prompt", "a cat"], "golden retriever (207)"),
+    (["generate", "--method", "blockcache:calibration={in}/prompts.txt"], "is not a calibration file"),
+    (["generate", "--model", "no-such-model"], "or a Hugging Face Hub id"),
+    # an output file's folder must exist (never made); an output folder's parent must exist
+    (["generate", "--out", "missing/x.png"], "--out: cannot write 'missing/x.png': folder 'missing' does not exist"),
+    (["generate", "--out", "{in}/missing/deeper/x.png"], "folder '{in}/missing' does not exist"),
+    (["calibrate", "--out", "missing/c.json"], "--out"),
+    (["calibrate", "--plot", "missing/c.png"], "--plot"),
+    (["bench", "--json", "missing/b.json"], "--json"),
+    (["bench", "--quality", "--method", "deepcache", "--plot", "missing/p.png"], "--plot"),
+    (["fid", "{in}/images", "{in}/images", "--json", "missing/f.json"], "--json"),
+    (["fid", "--model", "digits", "--prompts", "{in}/prompts.txt", "--seeds", "0-3", "--out-dir", "missing/o"],
+     "--out-dir: cannot create folder 'missing/o': folder 'missing' does not exist"),
+    (["text", "--json", "missing/t.json"], "--json"),
     # refused before Block Caching's calibration would run
     (["calibrate", "--model", "tiny-sd", "--steps", "2", "--method", "deepcache"], "--method"),
     (["generate", "--model", "tiny-sd", "--steps", "2", "--method", "blockcache", "--method", "deepcache"],
@@ -225,6 +247,8 @@ def test_interrupted_launch_leaves_no_process_behind():
     from fastdiff.parallel.launch import run_processes
 
     before = _children()
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C is what is tested, so restore it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -232,6 +256,7 @@ def test_interrupted_launch_leaves_no_process_behind():
             run_processes(2, _sleep)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     time.sleep(0.5)
     assert not (_children() - before)
 
@@ -259,6 +284,50 @@ def test_the_installed_command_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "fastdiff generate: error: --out: cannot write '/proc/nope/x.png': folder '/proc' does not take new files "
-        "(No such file or directory)"]
+        "fastdiff generate: error: --out: cannot write '/proc/nope/x.png': folder '/proc/nope' does not exist "
+        "(create it first)"]
     assert not any(tmp_path.iterdir())
+
+
+# A missing optional package is refused before any work, naming the extra that brings it; the
+# package is made missing the way `import` sees it (None in sys.modules).
+MISSING_EXTRAS = [
+    ("matplotlib", ["calibrate", "--plot", "p.png", "--out", "c.json"],
+     '--plot needs matplotlib: pip install -e ".[eval]"'),
+    ("sklearn", ["bench", "--quality", "--method", "deepcache", "--json", "q.json"],
+     '--quality needs scikit-learn: pip install -e ".[eval]"'),
+    ("matplotlib", ["bench", "--quality", "--method", "deepcache", "--json", "q.json"],
+     '--quality needs matplotlib: pip install -e ".[eval]"'),
+    ("torchmetrics", ["fid", "--model", "digits", "--prompts", "{in}/prompts.txt", "--seeds", "0-3", "--features",
+                      "digits", "--out-dir", "pairs"], 'FID needs torchmetrics: pip install -e ".[eval]"'),
+    ("scipy", ["fid", "{in}/images", "{in}/images", "--features", "digits"],
+     'FID needs scipy: pip install -e ".[eval]"'),
+]
+
+
+@pytest.mark.parametrize("module, argv, message", MISSING_EXTRAS,
+                         ids=[f"{m}: {' '.join(a[:2])}" for m, a, _ in MISSING_EXTRAS])
+def test_a_missing_extra_is_refused_before_any_work(workdir, capsys, monkeypatch, module, argv, message):
+    import fastdiff.cli as cli
+
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = [a.replace("{in}", str(workdir / INPUTS)) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.strip().splitlines() == [f"fastdiff {argv[0]}: error: {message} (or pip install "
+                                        f"{'scikit-learn' if module == 'sklearn' else module})"]
+    assert sorted(p.name for p in workdir.iterdir()) == [INPUTS], "nothing may be written"
+
+
+def test_the_dependency_check_names_every_missing_package(monkeypatch):
+    from fastdiff.cli_checks import UsageError, require_packages
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(UsageError,
+                       match=r'^--quality needs scipy, scikit-learn and matplotlib: pip install -e "\.\[eval\]"'):
+        require_packages("--quality", "scipy", "sklearn", "matplotlib")
+    with pytest.raises(UsageError, match=r"^--features inception needs torch-fidelity: pip install torch-fidelity$"):
+        require_packages("--features inception", "torch_fidelity")

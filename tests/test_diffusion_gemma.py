@@ -18,8 +18,9 @@ from diffusers import (
 from fastdiff.pipelines import DiffusionGemmaPipeline, MaskedDiffusionLMPipeline
 from fastdiff.schedulers import DiscreteDiffusionScheduler
 
-if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
-    pytest.skip("DiffusionGemma needs transformers >= 5.24", allow_module_level=True)
+if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):  # new in transformers 5.24
+    pytest.skip(f"DiffusionGemma needs transformers >= 5.24, this is {transformers.__version__} (the lowest "
+                "version pyproject.toml allows, tested by .ci/run's second stage)", allow_module_level=True)
 PROMPT = torch.tensor([[2, 10, 11, 12, 13]])
 warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
 

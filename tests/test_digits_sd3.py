@@ -73,7 +73,7 @@ def test_builtin_passes_its_call_options_everywhere(tmp_path: Path) -> None:
     from fastdiff.runner import GenerationRequest, call_kwargs, calibration_prompts
 
     info = builtin_info("digits-sd3")
-    assert info.digits_task and info.call_options == DIGITS_SD3_CALL and info.guidance_scale == 1.0
+    assert info.digits_task and info.call_options == DIGITS_SD3_CALL and info.guidance_scale == 1.5
     request = GenerationRequest(prompt=digit_prompt(4)).with_model_defaults("digits-sd3")
     pipe = build_builtin("digits-sd3")
     assert call_kwargs(pipe, request)["max_sequence_length"] == 1

@@ -327,6 +327,39 @@ def test_delayed_kv_cache(bert, tokenizer):
     assert torch.allclose(cache.step(forward_shifted, canvas, attention, positions), full, atol=1e-5)
 
 
+def test_delayed_kv_cache_on_one_unpadded_prompt(bert, tokenizer):
+    """One prompt, no padding: dKV-Cache recomputes scattered positions after the cache. transformers
+    5.25's BERT read such position_ids without an attention mask as packed sequences and built a
+    mask as long as the recomputed tokens alone ("size of tensor a (22) must match ... (15)")."""
+    import inspect
+
+    from fastdiff.pipelines.text_cache import DelayedCache
+
+    pipe = make(bert, tokenizer)
+    base_parameters = inspect.signature(bert.base_model.forward).parameters
+    assert pipe.interface.cache_argument == ("cache" if "cache" in base_parameters else "past_key_values")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    canvas = torch.cat([ids, torch.full((1, 10), tokenizer.mask_token_id)], dim=1)
+    attention = torch.ones_like(canvas)
+    positions = pipe.interface.positions(attention)
+    calls = []
+
+    def forward(i, a, **kw):
+        calls.append(i.shape[1])
+        return pipe.interface.logits(bert, i, a, None, **kw)
+
+    cache = DelayedCache(canvas.shape[1], shifted=False, refresh=8, mask_id=tokenizer.mask_token_id)
+    cache.refresh(forward, canvas, attention)
+    decoded = canvas.clone()
+    decoded[0, 9] = 12  # a token in the middle of the masks
+    cache.step(forward, decoded, attention, positions)
+    stepped = cache.step(forward, decoded, attention, positions)  # the masks around it: scattered positions
+    assert calls[-1] == 9 and stepped.shape == (1, 15, len(tokenizer)) and bool(torch.isfinite(stepped).all())
+    for mode in ("prefix", "dual", "dkv"):
+        out = pipe(input_ids=ids, gen_length=12, block_length=4, steps=12, kv_cache=mode, kv_refresh=3)
+        assert not bool((out.sequences == tokenizer.mask_token_id).any()) and out.nfe == 12, mode
+
+
 def test_editing_and_uniform_noise_on_a_bidirectional_model(tokenizer):
     oracle = Oracle(TARGET, len(tokenizer))
     pipe = make(oracle, tokenizer)

@@ -137,9 +137,20 @@ def test_load_pipeline_hub_failure_names_the_model(monkeypatch: pytest.MonkeyPat
         raise OSError("no connection")
 
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", offline)
-    with pytest.raises(ModelLoadError, match=r"model='org/some-model'.*no connection"):
+    with pytest.raises(ModelLoadError, match=r"'org/some-model' is not a built-in model.*OSError: no connection"):
         load_pipeline("org/some-model")
     assert calls == ["org/some-model"]
+
+
+def test_a_saved_pipeline_loads_without_deprecation_warnings(tmp_path: Path) -> None:
+    """diffusers >= 0.42 takes `dtype=`; `torch_dtype=` would print a FutureWarning on every load."""
+    import warnings
+
+    build_builtin("tiny-sd").save_pretrained(tmp_path / "saved")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pipeline(tmp_path / "saved", torch_dtype=torch.float32)
+    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_sd15_arch_unet_is_the_real_sd15_shape() -> None:

@@ -127,3 +127,67 @@ def test_train_command_refuses_bad_numbers(capsys):
         with pytest.raises(SystemExit) as error:
             main(["train", flag, value])
         assert error.value.code == 2 and f"{flag} must be > 0" in capsys.readouterr().err
+
+
+def test_command_line_help_interrupt_and_paths(tmp_path, capsys, monkeypatch):
+    """Every command and argument is described, with its default; a missing model or an output
+    in a missing folder is one line and exit 2 before any work; Ctrl-C is one line and exit 130."""
+    import fastdiff.models.sudoku_mdlm as module
+
+    parser = module._parser()
+    assert set(parser.commands) == {"train", "solve", "evaluate"}
+    for command in parser.commands.values():
+        assert all(action.help for action in command._actions), command.prog
+    assert "(default: threshold:threshold=0.9)" in parser.commands["solve"].format_help()
+    for argv, message in ((["solve", "--puzzle", "0" * 81, "--model", str(tmp_path)], "holds no sudoku-mdlm model"),
+                          (["evaluate", "--json", str(tmp_path / "a" / "b.json")], "--json: cannot write"),
+                          (["train", "--out", str(tmp_path / "a" / "b")], "--out: cannot create folder"),
+                          (["train", "--hidden", "10", "--heads", "3"], "--heads: 3 does not divide --hidden 10")):
+        with pytest.raises(SystemExit) as error:
+            main(argv)
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and message in err and err.count("\n") == 1, argv
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for name, argv in (("evaluate", ["evaluate", "--puzzles", "1"]), ("solve", ["solve", "--puzzle", "0" * 81]),
+                       ("train", ["train", "--out", str(tmp_path / "m")])):
+        monkeypatch.setattr(module, name, interrupted)
+        with pytest.raises(SystemExit) as error:
+            main(argv)
+        assert error.value.code == 130
+        assert capsys.readouterr().err == f"python -m fastdiff.models.sudoku_mdlm {name}: interrupted\n"
+
+
+def test_importing_the_models_silences_the_torchvision_notice():
+    """transformers says once per image-processor class that torchvision is missing (always so
+    beside the CPU torch); the model commands would print it on every run."""
+    import logging
+
+    import fastdiff.models  # noqa: F401
+
+    assert logging.getLogger("transformers.utils.import_utils").getEffectiveLevel() >= logging.ERROR
+
+
+@pytest.mark.slow
+def test_module_prints_no_library_noise_and_ctrl_c_is_one_line(tmp_path):
+    """A real run and a real SIGINT in a fresh interpreter: nothing but the command's own output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    puzzle = "000000000500000400902003005006050004008600020300084600040026009000000007050070080"
+    done = subprocess.run([sys.executable, "-m", "fastdiff.models.sudoku_mdlm", "solve", "--puzzle", puzzle],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "" and "solved in" in done.stdout
+    run = subprocess.Popen([sys.executable, "-m", "fastdiff.models.sudoku_mdlm", "evaluate", "--puzzles", "200"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().strip()  # the held-out puzzles are drawn: the run is under way
+    time.sleep(1)
+    os.kill(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err == "python -m fastdiff.models.sudoku_mdlm evaluate: interrupted\n"

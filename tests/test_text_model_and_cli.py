@@ -178,3 +178,146 @@ def test_text_bench_refuses_a_negative_infill_count(capsys):
     with pytest.raises(SystemExit) as error:
         text_bench.main(["--infill", "-1"])
     assert error.value.code == 2 and "--infill: must be >= 0" in capsys.readouterr().err
+
+
+def test_builtin_text_models_load_offline_and_warn_nothing(monkeypatch):
+    """Every built-in name loads from the package (the hub is never asked), and a call through the
+    current transformers API raises no deprecation warning: warnings are errors for that call."""
+    import warnings
+
+    import transformers
+
+    from fastdiff import catalog
+    from fastdiff.models.sudoku import is_valid_solution, parse_sudoku
+    from fastdiff.pipelines.masked_diffusion_lm import BUILTIN_TEXT_MODELS
+
+    assert list(catalog.TEXT_MODELS) == list(BUILTIN_TEXT_MODELS)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a built-in text model must not be looked up on the hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pydoc = MaskedDiffusionLMPipeline.from_pretrained("pydoc-mdlm")
+        pydoc.set_progress_bar_config(disable=True)
+        for mode in (None, "prefix", "dkv"):
+            out = pydoc(BUILTIN_TEXT_MODELS["pydoc-mdlm"].example_prompt, gen_length=8, block_length=4,
+                        kv_cache=mode, kv_refresh=2, sampler="threshold:threshold=0.9")
+            assert out.sequences.shape == (1, 8), mode
+        sudoku = MaskedDiffusionLMPipeline.from_pretrained("sudoku-mdlm")
+        sudoku.set_progress_bar_config(disable=True)
+        puzzle = BUILTIN_TEXT_MODELS["sudoku-mdlm"].example_prompt
+        out = sudoku(puzzle, gen_length=81)
+    grid = parse_sudoku(out.texts[0])
+    # the clues are kept, only the blanks are decided, in far fewer calls than blanks (threshold 0.9)
+    assert is_valid_solution(grid, parse_sudoku(puzzle)) and out.nfe < puzzle.count("0") / 3
+    assert out.texts[0].startswith("\n") and len(out.texts[0].split()) == 9  # the grid, one row a line
+
+
+def test_sudoku_model_through_the_text_pipeline(tmp_path, capsys):
+    from fastdiff.pipelines.masked_diffusion_lm import BUILTIN_TEXT_MODELS
+
+    puzzle = BUILTIN_TEXT_MODELS["sudoku-mdlm"].example_prompt
+    pipe = MaskedDiffusionLMPipeline.from_pretrained("sudoku-mdlm", sampler="low-confidence")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([puzzle, puzzle], gen_length=81, steps=6)
+    assert out.nfe == 6 and out.texts[0] == out.texts[1]
+    assert out.sequences[0][torch.tensor([c != "0" for c in puzzle])].tolist() == [int(c) for c in puzzle if c != "0"]
+    for kwargs, message in (({"gen_length": 80}, "gen_length=81"), ({"prompt": puzzle[:-1]}, "got 80 cells"),
+                            ({"kv_cache": "prefix"}, "kv_cache needs")):
+        with pytest.raises(ValueError, match=message):
+            pipe(**{"prompt": puzzle, "gen_length": 81, **kwargs})
+    path = tmp_path / "sudoku.json"
+    assert main(["text", "--model", "sudoku-mdlm", "--sampler", "threshold:threshold=0.9", "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["prompts"] == [puzzle] and len(record["sequences"][0]) == 81
+    assert puzzle + "\n" in capsys.readouterr().out
+    for argv, message in ((["--prompt", "123"], "--prompt: a Sudoku is 81 cells"),
+                          (["--gen-length", "50"], "--gen-length: sudoku-mdlm writes its 81 cells")):
+        with pytest.raises(SystemExit) as error:
+            main(["text", "--model", "sudoku-mdlm", *argv])
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_unknown_text_model_names_fail_at_once(monkeypatch, capsys, tmp_path):
+    """A near miss of a built-in name, a path or a name that cannot be a hub id never reaches the
+    hub (which, without a network, retries for half a minute)."""
+    import transformers
+
+    from fastdiff.models import ModelLoadError
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    (tmp_path / "a-file").write_text("x")
+    for name, message in (("sudoku", "did you mean 'sudoku-mdlm'"), ("pydoc_mdlm", "did you mean 'pydoc-mdlm'"),
+                          ("./missing", "no such folder"), ("a b", "neither a built-in name"),
+                          (str(tmp_path / "a-file"), "is a file")):
+        with pytest.raises(ModelLoadError, match=message):
+            MaskedDiffusionLMPipeline.from_pretrained(name)
+    with pytest.raises(SystemExit) as error:
+        main(["text", "--model", "sudoku"])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and err.count("\n") == 1 and "did you mean 'sudoku-mdlm'" in err
+
+
+def test_text_bench_refuses_bad_requests_before_loading(tmp_path, capsys, monkeypatch):
+    from fastdiff.evals import text_bench
+
+    monkeypatch.chdir(tmp_path)
+    for argv, message in ((["--gen-length", "0"], "--gen-length: must be >= 1"),
+                          (["--sampler", "plain"], "expected LABEL=SAMPLER[@STEPS]"),
+                          (["--sampler", "a=threshold@many"], "the steps after @ must be an integer"),
+                          (["--sampler", "a=nosuch"], "sampler must be one of"),
+                          (["--cache-sampler", "nosuch"], "sampler must be one of"),
+                          (["--block-length", "5"], "--block-length: 5 does not divide --gen-length 128"),
+                          (["--cache-block", "3"], "--cache-block: 3 does not divide"),
+                          (["--prompts", "1000"], "--prompts: at most"),
+                          (["--seed", "-1"], "--seed: must be >= 0"),
+                          (["--model", "sudoku"], "did you mean 'sudoku-mdlm'"),
+                          (["--model", "sudoku-mdlm"], "takes task prompts"),
+                          (["--json", "missing/out.json"], "--json: cannot write")):
+        with pytest.raises(SystemExit) as error:
+            text_bench.main(argv)
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and message in err and err.count("\n") == 1, argv
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text_bench, "run", interrupted)
+    with pytest.raises(SystemExit) as error:
+        text_bench.main(["--prompts", "1"])
+    assert error.value.code == 130 and capsys.readouterr().err == "python -m fastdiff.evals.text_bench: interrupted\n"
+
+
+def test_pydoc_text_command_line(tmp_path, capsys, monkeypatch):
+    """Every argument is described; mistakes are one line and exit 2 before any work; Ctrl-C is one
+    line and exit 130."""
+    parser = pydoc_text._parser()
+    for command in parser.commands.values():
+        assert all(action.help for action in command._actions), command.prog
+    for argv, message in ((["train", "--hidden", "100"], "--hidden: must be a multiple of 48"),
+                          (["train", "--learning-rate", "0"], "--learning-rate: must be > 0"),
+                          (["train", "--device", "nosuch"], "--device: 'nosuch' is not a torch device"),
+                          (["train", "--out", str(tmp_path / "a" / "b")], "--out: cannot create folder"),
+                          (["evaluate", "--model", str(tmp_path)], "holds no pydoc-mdlm model"),
+                          (["snapshot", "--out", str(tmp_path / "a" / "b.json.gz")], "--out: cannot write")):
+        with pytest.raises(SystemExit) as error:
+            pydoc_text.main(argv)
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and message in err and err.count("\n") == 1, argv
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pydoc_text, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as error:
+        pydoc_text.main(["evaluate"])
+    assert error.value.code == 130
+    assert capsys.readouterr().err == "python -m fastdiff.models.pydoc_text evaluate: interrupted\n"

@@ -193,7 +193,18 @@ class BlockCacheCalibration:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration: no file {str(path)!r}")
-        return cls.from_dict(json.loads(path.read_text()))
+        expected = ("expected the JSON file `fastdiff calibrate --out` or BlockCacheCalibration.save writes, "
+                    f"format {FORMAT!r}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = (f"not valid JSON at line {exc.lineno}, column {exc.colno}"
+                      if isinstance(exc, json.JSONDecodeError) else "not text")
+            raise ValueError(f"calibration: {str(path)!r} is not a calibration file ({reason}); {expected}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"calibration: {str(path)!r} is not a calibration file (JSON {type(data).__name__}, "
+                             f"not an object); {expected}")
+        return cls.from_dict(data)  # which names the format it expected
 
     def plot(self, path: str | Path, threshold: float | None = None) -> None:
         """The per-block change curves (the paper's figure), with the computed steps marked."""

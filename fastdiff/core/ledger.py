@@ -7,8 +7,12 @@ FLOPs are only known when counting was asked for, because counting slows every o
 denoiser calls the pipeline made, minus the FLOPs the denoiser actually ran. Methods move work
 in ways no per-module tally sees (T-GATE halves the batch at the denoiser boundary; encoder
 propagation computes later steps' decoders inside an earlier step's call), so the vanilla side
-is measured, not reconstructed from what hooked modules avoided. Under patch parallelism the
-ledger is per process: vanilla is the full image's cost, run is this process's share of it.
+is measured, not reconstructed from what hooked modules avoided.
+
+Under patch parallelism the ledger is per process: vanilla is the full image's cost, run is this
+process's share of it. Splitting a call across N processes saves nothing (the processes run it
+together), so there "saved" is vanilla minus N times this process's share, and reports say
+"split across N processes" with the share instead.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Ledger:
     max_calls: int = 64
     cache_bytes: dict[int, int] = field(default_factory=dict)  # call -> peak bytes kept for reuse
     comm: list[CommEvent] = field(default_factory=list)
+    processes: int = 1  # how many processes split each denoiser call (patch parallelism sets it)
 
     def record_comm(self, call: int, step: int, kind: str, sent: int, received: int, seconds: float) -> None:
         for event in reversed(self.comm):
@@ -151,7 +156,7 @@ class Ledger:
             steps=[
                 StepSummary(s.call, s.step, s.timestep, s.seconds, s.denoiser_calls, s.flops,
                             s.flops_vanilla if measured else None, sent_by_step.get((s.call, s.step), 0),
-                            s.answered)
+                            s.answered, self.processes)
                 for s in steps
             ],
             modules=list(per_module.values()),
@@ -160,6 +165,7 @@ class Ledger:
             flops_vanilla=sum(s.flops_vanilla or 0 for s in steps) if measured else None,
             peak_cache_bytes=max((self.cache_bytes.get(c, 0) for c in chosen), default=0),
             comm_by_kind=by_kind,
+            processes=self.processes,
         )
 
 
@@ -199,14 +205,17 @@ class StepSummary:
     flops_vanilla: int | None
     bytes_sent: int = 0
     answered: int = 0  # calls the pipeline made that a method answered without running the denoiser
+    processes: int = 1  # processes that split the step's denoiser calls (patch parallelism)
 
     @property
     def flops_saved(self) -> int | None:
-        """Vanilla minus run for this step; negative where the step computed later steps' work
-        (batched decoders), which those steps then show as saved."""
+        """Vanilla minus run for this step (under a split, minus all processes' run, taken as
+        ``processes`` times this one's); negative where the step computed later steps' work
+        (batched decoders), which those steps then show as saved, or where the split costs more
+        than it divides."""
         if self.flops_run is None or self.flops_vanilla is None:
             return None
-        return self.flops_vanilla - self.flops_run
+        return self.flops_vanilla - self.flops_run * self.processes
 
 
 def _flops(value: int | None) -> str:
@@ -238,13 +247,30 @@ class Report:
     flops_vanilla: int | None = None
     peak_cache_bytes: int = 0
     comm_by_kind: dict[str, CommEvent] = field(default_factory=dict)
+    processes: int = 1
+    """How many processes split each denoiser call (patch parallelism); 1 on one device."""
 
     @property
     def flops_saved(self) -> int | None:
-        """Vanilla's denoiser FLOPs for the same call minus the FLOPs run."""
+        """Vanilla's denoiser FLOPs for the same call minus the FLOPs run. Under a split across
+        N processes the run is all of theirs (N times this process's share, which is what a
+        process can see), so dividing the work among processes never counts as saving it: what
+        remains is what reuse methods saved, less what the split itself adds."""
         if self.flops_run is None or self.flops_vanilla is None:
             return None
-        return self.flops_vanilla - self.flops_run
+        return self.flops_vanilla - self.flops_run * self.processes
+
+    @property
+    def flops_share(self) -> float | None:
+        """This process's share of vanilla's work (1.0 on one device without reuse)."""
+        if self.flops_run is None or not self.flops_vanilla:
+            return None
+        return self.flops_run / self.flops_vanilla
+
+    @property
+    def reuses(self) -> bool:
+        """Whether a method reused, skipped or answered anything (what can save FLOPs)."""
+        return bool(self.modules) or any(s.answered for s in self.steps)
 
     @property
     def bytes_sent(self) -> int:
@@ -286,7 +312,16 @@ class Report:
                  + (f" ({answered} more answered without running it)" if answered else "")]
         if self.modules:
             parts.append(f"{self.module_calls_avoided}/{self.module_calls} hooked module calls reused or skipped")
-        if self.flops_run is not None and self.flops_vanilla is not None:
+        if self.flops_run is not None and self.flops_vanilla is not None and self.processes > 1:
+            share = f"{self.flops_share:.0%}" if self.flops_share is not None else "n/a"
+            ratio = f"{self.flop_ratio:.2f}x" if self.flop_ratio is not None else "n/a"
+            part = (f"denoiser FLOPs split across {self.processes} processes: this one ran "
+                    f"{_flops(self.flops_run)}, {share} of the {_flops(self.flops_vanilla)} of one vanilla process "
+                    f"(ideal speedup {ratio})")
+            if self.reuses:
+                part += f", reuse saved {_flops(self.flops_saved)} (vanilla minus {self.processes} x this share)"
+            parts.append(part)
+        elif self.flops_run is not None and self.flops_vanilla is not None:
             saved = self.flops_vanilla - self.flops_run
             share = f"{saved / self.flops_vanilla:.0%}" if self.flops_vanilla else "n/a"
             ratio = f"{self.flop_ratio:.2f}x" if self.flop_ratio is not None else "n/a"
@@ -316,6 +351,9 @@ class Report:
                     f"{s.step:>5} {ts:>9} {s.denoiser_calls:>5} {s.seconds:>8.3f} "
                     f"{_flops(s.flops_run):>11} {_flops(s.flops_vanilla):>11} {_flops(s.flops_saved):>11}"
                 )
+            if self.processes > 1:
+                lines.append(f"(split across {self.processes} processes: FLOPs run are this process's share; saved is "
+                             f"vanilla minus {self.processes} times it, so the split itself saves nothing)")
         if self.modules:
             width = max(len(m.module) for m in self.modules)
             lines.append(f"{'module':<{width}} {'method':<10} {'compute':>7} {'reuse':>6} {'skip':>5} {'FLOPs saved':>12}")

@@ -147,8 +147,20 @@ def _coerce(text: str, annotation: Any, where: str) -> Any:
     return text
 
 
+def _register_builtin_methods() -> None:
+    """Each method registers itself when its module is imported; ``import fastdiff`` imports
+    none of them eagerly, so the parser imports them before it looks a name up."""
+    import importlib
+
+    from ..catalog import METHOD_MODULES
+
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+
+
 def parse_method(spec: str) -> Method:
     """Build a method from ``name`` or ``name:key=value,key=value`` (the CLI's ``--method``)."""
+    _register_builtin_methods()
     name, _, params = spec.strip().partition(":")
     name = name.strip().lower()
     if name not in METHODS:

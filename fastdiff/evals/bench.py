@@ -59,6 +59,9 @@ class BenchResult:
     psnr_db: float
     report: str
     notes: list[str] = field(default_factory=list)
+    processes: int = 1
+    """Processes that split each accelerated denoiser call (patch parallelism under a launcher):
+    then the FLOP ratios are this process's share of the work, split rather than saved."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -78,10 +81,22 @@ class BenchResult:
                 for name, s in (("vanilla", v), ("accelerated", a))
             ),
             f"speedup {self.speedup:.2f}x (wall clock)   FLOP ratio {self.flop_ratio:.2f}x (ideal; denoiser "
-            f"alone {self.denoiser_flop_ratio:.2f}x)",
+            f"alone {self.denoiser_flop_ratio:.2f}x)"
+            + (f", per process: the work is split across {self.processes} processes, not saved"
+               if self.processes > 1 else ""),
             f"fidelity to vanilla: max |diff| {self.max_abs_diff:.4f}, PSNR {self.psnr_db:.2f} dB",
             f"ledger: {self.report}",
         ])
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+    """Rows of already formatted cells as aligned lines: each column as wide as its widest cell
+    (header included), the first ``left`` columns left-aligned (names), the rest right-aligned
+    (numbers). Fixed widths misalign as soon as one name (a peer's setting, a composed method
+    spec) is longer than the width guessed for it."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return [" ".join(f"{cell:<{w}}" if i < left else f"{cell:>{w}}" for i, (cell, w) in enumerate(zip(line, widths)))
+            .rstrip() for line in (header, *rows)]
 
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
@@ -177,6 +192,7 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
         psnr_db=psnr(images["vanilla"], images["accelerated"]),
         report=accel_report.summary(),
         notes=notes,
+        processes=accel_report.processes,
     )
 
 

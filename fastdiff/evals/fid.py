@@ -392,6 +392,7 @@ def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, *,
     Under ``torch.distributed`` each rank reads every ``world``-th image and the result (the same
     on every rank) covers all of them.
     """
+    from ..check_only import exit_if_check_only
     from ..runner import resolve_device
 
     if batch_size < 1:
@@ -400,6 +401,7 @@ def fid_folders(real_dir: str | os.PathLike, fake_dir: str | os.PathLike, *,
     real_size, fake_size = common_size(real_files, "real_dir"), common_size(fake_files, "fake_dir")
     target = resolve_device(device)
     extractor = load_extractor(features, inception_weights=inception_weights).to(target)
+    exit_if_check_only("fastdiff fid")
     accumulator = FrechetAccumulator(extractor.num_features, reduce_device(target))
     for files, size, real, desc in ((real_files, real_size, True, "real"), (fake_files, fake_size, False, "fake")):
         for batch in extract_folder(extractor, files, size, batch_size, desc=f"FID features ({desc})",

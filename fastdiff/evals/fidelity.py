@@ -366,7 +366,8 @@ def paired_fidelity(
     take a built-in model's defaults. The feature extractor and the real folder are checked
     before anything is generated, so a missing weights file fails in seconds, not after hours.
     """
-    from ..runner import load
+    from ..check_only import exit_if_check_only
+    from ..runner import check_prompt, check_request, load
 
     if reference != REFERENCE:
         raise ValueError(f"--reference: only {REFERENCE!r} is supported, got {reference!r}")
@@ -387,11 +388,16 @@ def paired_fidelity(
     request = (request or GenerationRequest())
     if isinstance(model, str):
         request = request.with_model_defaults(model)
+        exit_if_check_only("fastdiff fid")
         pipe = load(model, device, dtype)
         pipe.set_progress_bar_config(disable=True)
     else:
         pipe = model
     extractor.to(pipe.device)
+    # what the pipeline cannot run is refused before its folder and settings file are made
+    check_request(pipe, replace(request, prompt=prompts[0], batch_size=batch_size))
+    for prompt in dict.fromkeys(prompts[1:]):
+        check_prompt(pipe, prompt)
     folder = Path(out_dir)
     settings = _settings(name, pipe, methods, prompts, request)
     _check_settings(folder, settings)

@@ -25,8 +25,8 @@ from ..core.progress import plural, progress_bar
 from ..parallel.group import check_processes_fit, launched_device, peak_memory_bytes, resident_memory_bytes
 from ..parallel.patch_parallel import PatchParallel
 from ..media import pipeline_outputs
-from ..runner import GenerationRequest, call_kwargs, load
-from .bench import psnr
+from ..runner import GenerationRequest, call_kwargs, check_request, load
+from .bench import psnr, text_table
 
 
 @dataclass
@@ -55,13 +55,12 @@ class ParallelBenchResult:
         return json.dumps(asdict(self), indent=2)
 
     def __str__(self) -> str:
-        lines = [f"model {self.model}, {self.request}, threads per process: {self.threads or 'default'}",
-                 f"{'setting':40} {'procs':>5} {'median s':>9} {'speedup':>8} {'MiB/step sent':>14} "
-                 f"{'comm s':>7} {'max|diff|':>10} {'PSNR':>8}"]
-        for r in self.runs:
-            sent = sum(r.bytes_sent_per_step.values()) / 2**20
-            lines.append(f"{r.label:40} {r.processes:>5} {r.median_s:>9.2f} {r.speedup:>7.2f}x {sent:>14.3f} "
-                         f"{r.comm_seconds:>7.2f} {r.max_abs_diff:>10.2e} {r.psnr_db:>7.2f}")
+        lines = [f"model {self.model}, {self.request}, threads per process: {self.threads or 'default'}"]
+        lines += text_table(
+            ["setting", "procs", "median s", "speedup", "MiB/step sent", "comm s", "max|diff|", "PSNR"],
+            [[r.label, str(r.processes), f"{r.median_s:.2f}", f"{r.speedup:.2f}x",
+              f"{sum(r.bytes_sent_per_step.values()) / 2**20:.3f}", f"{r.comm_seconds:.2f}", f"{r.max_abs_diff:.2e}",
+              f"{r.psnr_db:.2f}"] for r in self.runs])
         for r in self.runs[1:]:
             lines.append(f"  {r.label}: {r.split}")
         for r in self.runs:
@@ -108,6 +107,7 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
                        dtype: str = "auto", show_progress: bool = True) -> ParallelBenchResult:
     """``settings``: label -> method specs, each including one ``patch:...`` spec. ``show_progress``:
     a bar over the runs (one process, then each setting)."""
+    from ..check_only import exit_if_check_only
     from ..parallel.launch import run_processes
 
     if processes < 2:
@@ -119,11 +119,14 @@ def parallel_benchmark(model: str, request: GenerationRequest, settings: dict[st
     for label, specs in settings.items():
         found = [m for m in map(parse_method, specs) if isinstance(m, PatchParallel)]
         if len(found) != 1:
-            raise ValueError(f"--parallel: setting {label!r} must include exactly one patch:... method, got {specs}")
+            raise ValueError(f"--parallel: setting {label!r} has {len(found)} patch:... methods, {specs}; it takes one "
+                             f"(fastdiff bench adds patch:mode=distrifusion to a setting that has none)")
         patches[label] = found[0]
+    exit_if_check_only("fastdiff bench")
     before = resident_memory_bytes()
     pipe = _loaded(model, device, dtype, threads)
     holding = resident_memory_bytes()
+    check_request(pipe, request)  # steps, class label and size, before any process starts
     splits = {}
     for label, patch in patches.items():
         try:

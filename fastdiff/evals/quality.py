@@ -28,7 +28,7 @@ from ..core.accelerator import apply, find_denoiser
 from ..core.method import Method
 from ..core.progress import pipeline_bar_off, plural, progress_bar
 from ..runner import CALIBRATION_SEED, GenerationRequest
-from .bench import psnr
+from .bench import psnr, text_table
 from .fid import FrechetAccumulator, load_extractor
 from .fidelity import batch_call_kwargs
 from .flop_count import count_denoiser_flops
@@ -69,16 +69,15 @@ class QualityReport:
         lines = [
             f"quality on {self.model}: N={self.samples} images per setting (seeds {self.seed}..{self.seed + self.samples - 1}), "
             f"reference = {self.reference}",
-            f"{'setting':34} {'steps':>5} {'s/img':>8} {'GFLOP/img':>10} {'FID real':>9} {'FID ref':>8} "
-            f"{'PSNR ref':>9} {'adherence':>9}",
         ]
-        for p in self.points:
-            ref = "" if p.fid_vs_reference is None else f"{p.fid_vs_reference:.3f}"
-            ps = "" if p.psnr_vs_reference is None else f"{p.psnr_vs_reference:.2f}"
-            lines.append(
-                f"{p.label:34} {p.steps:>5} {p.seconds_per_image:>8.4f} {p.denoiser_gflops_per_image:>10.3f} "
-                f"{p.fid_real:>9.3f} {ref:>8} {ps:>9} {p.adherence:>9.1%}"
-            )
+        rows = [
+            [p.label, str(p.steps), f"{p.seconds_per_image:.4f}", f"{p.denoiser_gflops_per_image:.3f}",
+             f"{p.fid_real:.3f}", "" if p.fid_vs_reference is None else f"{p.fid_vs_reference:.3f}",
+             "" if p.psnr_vs_reference is None else f"{p.psnr_vs_reference:.2f}", f"{p.adherence:.1%}"]
+            for p in self.points
+        ]
+        lines += text_table(["setting", "steps", "s/img", "GFLOP/img", "FID real", "FID ref", "PSNR ref", "adherence"],
+                            rows)
         if self.seed_noise is not None:
             lines.append(f"seed noise (FID real, vanilla on two seed sets): {self.seed_noise:.3f}")
         lines += self.notes

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..check_only import exit_if_check_only
+
 
 @dataclass
 class SamplerResult:
@@ -237,41 +239,114 @@ def infill_check(model: str, samplers: dict[str, tuple[str, int | None]], gen_le
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.evals.text_bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="pydoc-mdlm")
-    parser.add_argument("--gen-length", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=8, help="how many prompts (first lines of pydoc topics)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=1,
+PROG = "python -m fastdiff.evals.text_bench"
+
+
+def _sampler_spec(text: str) -> str:
+    """A sampler spec, checked at parse time by building its scheduler."""
+    from ..pipelines.masked_diffusion_lm import _scheduler
+
+    try:
+        _scheduler(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(" ".join(str(exc).split())) from None
+    return text
+
+
+def _labelled_sampler(text: str) -> tuple[str, str, int | None]:
+    """``LABEL=SAMPLER[@STEPS]`` -> (label, sampler, steps or None), checked at parse time."""
+    label, equals, spec = text.partition("=")
+    sampler, at, steps = spec.partition("@")
+    if not equals or not label.strip() or not sampler.strip():
+        raise argparse.ArgumentTypeError(f"expected LABEL=SAMPLER[@STEPS], e.g. 'fast=threshold:threshold=0.9' or "
+                                         f"'slow=low-confidence@128', got {text!r}")
+    if at and not (steps.isdigit() and int(steps) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: the steps after @ must be an integer >= 1, got {steps!r}")
+    return label.strip(), _sampler_spec(sampler.strip()), int(steps) if at else None
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..cli import Parser  # one-line mistakes, defaults in the help: as fastdiff's own
+    from ..cli_checks import float_range, int_at_least
+
+    parser = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="pydoc-mdlm",
+                        help="the masked diffusion LM: a built-in name, a saved pipeline folder, or a transformers "
+                             "masked LM folder or hub id")
+    parser.add_argument("--gen-length", type=int_at_least(1), default=128, help="tokens to generate per prompt")
+    parser.add_argument("--prompts", type=int_at_least(1), default=8,
+                        help="how many prompts (first lines of pydoc topics, held-out ones first)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the first prompt's sampling")
+    parser.add_argument("--seeds", type=int_at_least(1), default=1,
                         help="repeat the sampler comparison with this many seeds (seed, seed+1000, ...) and report "
                              "each and their mean: one seed's few prompts can move the quality by 10 %%")
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=float_range(0), default=None,
                         help="sampling temperature for every compared sampler (default: each sampler's own: 0 for "
                              "low-confidence and threshold, 1 for the others)")
-    parser.add_argument("--block-length", type=int, default=None,
-                        help="decode every sampler in semi-autoregressive blocks of this many tokens "
-                             "(default: one block)")
-    parser.add_argument("--sampler", action="append", default=None, metavar="LABEL=SAMPLER[@STEPS]",
+    parser.add_argument("--block-length", type=int_at_least(1), default=None,
+                        help="decode every sampler in semi-autoregressive blocks of this many tokens, a divisor of "
+                             "--gen-length (default: one block)")
+    parser.add_argument("--sampler", type=_labelled_sampler, action="append", default=None,
+                        metavar="LABEL=SAMPLER[@STEPS]",
                         help="repeatable; default: low-confidence and margin with one token per step and with "
                              "gen-length/4 steps, threshold 0.9, 0.5, 0.2, 0.1, entropy bound 1 and 3 (greedy)")
-    parser.add_argument("--reuse-steps", type=int, default=1000,
+    parser.add_argument("--reuse-steps", type=int_at_least(0), default=1000,
                         help="also run MDLM ancestral sampling with this many steps, with and without reuse (0: skip)")
-    parser.add_argument("--cache-block", type=int, default=0,
-                        help="also compare the prefix and dual key/value caches with no cache, in blocks of this "
-                             "many tokens (0: skip)")
-    parser.add_argument("--cache-sampler", default="threshold:threshold=0.9",
-                        help="the sampler of the cache comparison (default: threshold 0.9)")
+    parser.add_argument("--cache-block", type=int_at_least(0), default=0,
+                        help="also compare the prefix, dual and dKV key/value caches with no cache, in blocks of "
+                             "this many tokens, a divisor of --gen-length (0: skip)")
+    parser.add_argument("--cache-sampler", type=_sampler_spec, default="threshold:threshold=0.9",
+                        help="the sampler of the cache comparison")
     parser.add_argument("--confidence", action="store_true",
                         help="also measure the model's confidence at masked positions of held-out pydoc text "
-                             "with 95%% of the tokens visible")
-    parser.add_argument("--infill", type=int, default=0, metavar="WINDOWS",
+                             "with 95%% and 50%% of the tokens visible")
+    parser.add_argument("--infill", type=int_at_least(0), default=0, metavar="WINDOWS",
                         help="also fill a 32-token span cut from the middle of this many held-out windows with "
                              "every compared sampler and report the share of original tokens recovered (0: skip)")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every result as JSON")
+    return parser
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model loads; one line and exit status 2 if not."""
+    from ..cli_checks import UsageError, check_output_file
+    from ..models.pydoc_text import corpus
+    from ..pipelines.masked_diffusion_lm import BUILTIN_TEXT_MODELS, check_text_model_name
+
+    try:
+        check_text_model_name(args.model)
+    except OSError as error:
+        parser.error(f"--model: {error}")
+    try:
+        check_output_file("--json", args.json)
+    except UsageError as error:
+        parser.error(str(error))
+    builtin = BUILTIN_TEXT_MODELS.get(args.model)
+    if builtin is not None and builtin.gen_length is not None:
+        parser.error(f"--model: {args.model} takes task prompts, not the pydoc text this benchmark prompts with")
+    for flag, value in (("--block-length", args.block_length), ("--cache-block", args.cache_block)):
+        if value and args.gen_length % value:
+            parser.error(f"{flag}: {value} does not divide --gen-length {args.gen_length}")
+    topics = sum(map(len, corpus()))
+    if args.prompts > topics:
+        parser.error(f"--prompts: at most {topics} (one per pydoc topic), got {args.prompts}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Ctrl-C ends the run with one line and exit status 130; a bad argument with one line and
+    exit status 2, before any model loads."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.infill < 0:
-        parser.error(f"--infill: must be >= 0 (0 skips it), got {args.infill}")
+    try:
+        _check(parser, args)
+        return _run(args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{PROG}: interrupted\n")
+    except ValueError as error:  # what only the loaded model can refuse (a length past its maximum)
+        parser.error(str(error))
+
+
+def _run(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     n = args.gen_length
     samplers: dict[str, tuple[str, int | None]] = {
@@ -287,18 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"margin, {max(n // 4, 1)} steps": ("margin", max(n // 4, 1)),
     }
     if args.sampler:
-        samplers = {}
-        for item in args.sampler:
-            label, _, spec = item.partition("=")
-            sampler, _, steps = spec.partition("@")
-            samplers[label] = (sampler, int(steps) if steps else None)
+        samplers = {label: (sampler, steps) for label, sampler, steps in args.sampler}
     if args.temperature is not None:
-        if args.temperature < 0:
-            parser.error(f"--temperature: must be >= 0, got {args.temperature}")
         samplers = {label: (with_option(sampler, f"temperature={args.temperature:g}"), steps)
                     for label, (sampler, steps) in samplers.items()}
-    if args.seeds < 1:
-        parser.error(f"--seeds: must be >= 1, got {args.seeds}")
+    exit_if_check_only("python -m fastdiff.evals.text_bench")
     seeds = [args.seed + 1000 * k for k in range(args.seeds)]
     per_seed = [run(args.model, samplers, default_prompts(args.prompts), n, seed, block_length=args.block_length)
                 for seed in seeds]

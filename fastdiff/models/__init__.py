@@ -6,7 +6,14 @@ shipped with its FID feature network so that quality can be measured offline too
 (`fastdiff.models.digits`, trained by `python -m fastdiff.models.train`).
 """
 
-from .builtin import (
+import logging
+
+# transformers announces, once per image-processor class, that it falls back to PIL when
+# torchvision is absent (always, beside the CPU torch); importing diffusers below triggers it, and
+# the model commands (`python -m fastdiff.models.sudoku_mdlm ...`) would print it on every run
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+from .builtin import (  # noqa: E402
     BUILTIN_MODELS,
     SD15_UNET_CONFIG,
     SD35_MEDIUM_TRANSFORMER_CONFIG,
@@ -18,7 +25,7 @@ from .builtin import (
     is_builtin,
     load_pipeline,
 )
-from .digits import (
+from .digits import (  # noqa: E402
     DIGIT_WORDS,
     DigitsFeatureNet,
     digit_prompt,
@@ -27,7 +34,7 @@ from .digits import (
     load_feature_network,
     parse_digit_prompt,
 )
-from .tokenizers import clip_tokenizer, t5_tokenizer
+from .tokenizers import clip_tokenizer, t5_tokenizer  # noqa: E402
 
 __all__ = [
     "BUILTIN_MODELS",

@@ -1012,14 +1012,61 @@ def looks_like_path(model: str) -> bool:
     )
 
 
+def _error_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _load_failure(exc: BaseException, hub: bool) -> str:
+    """Why ``from_pretrained`` failed, in one clause. Its own messages point at "the stacktrace
+    above", which a command line does not show, and its hub errors come in many types."""
+    chain = _error_chain(exc)
+    names = {cls.__name__ for error in chain for cls in type(error).__mro__}
+    if hub and "RepositoryNotFoundError" in names:
+        return "the Hugging Face Hub has no model of that name (or it is private: log in with `hf auth login`)"
+    if hub and "GatedRepoError" in names:
+        return "it is gated on the Hugging Face Hub: accept its terms on its page and log in with `hf auth login`"
+    if hub and "RevisionNotFoundError" in names:
+        return "the Hugging Face Hub has no such revision of it"
+    offline = {"OfflineModeIsEnabled", "ConnectError", "ConnectionError", "NetworkError", "TimeoutException",
+               "gaierror", "LocalEntryNotFoundError"}
+    if hub and (names & offline or "not fully cached locally" in str(exc)):
+        return "the Hugging Face Hub cannot be reached (offline?) and the local cache does not hold it"
+    message = str(exc).replace("Please check out the root cause in the stacktrace above.", "")
+    return f"{type(exc).__name__}: {' '.join(message.split())}"
+
+
+class _DropHubRetryNotice:
+    """diffusers logs "Couldn't connect to the Hub ... Will try to load from local cache." on every
+    offline load; the failure (if any) says so in its own words, and a success needs no notice."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.getMessage()).startswith("Couldn't connect to the Hub")
+
+
 def _from_pretrained(model: str, kind: str, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    from diffusers.utils import logging as diffusers_logging
+
+    logger = diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils")
+    notice = _DropHubRetryNotice()
+    logger.addFilter(notice)
     try:
         return DiffusionPipeline.from_pretrained(model, **kwargs)
     except Exception as exc:  # hub/files errors come in many types; one clear one for callers
         raise ModelLoadError(
-            f"model={model!r}: could not load it as {kind} ({type(exc).__name__}: {exc}). "
-            f"Built-in models (no download needed): {', '.join(BUILTIN_MODELS)}"
+            f"{model!r} is not a built-in model, and could not be loaded as {kind}: "
+            f"{_load_failure(exc, hub=kind == HUB_ID)}. Give a built-in name ({', '.join(BUILTIN_MODELS)}; "
+            f"no download needed), a folder saved with save_pretrained, or a Hugging Face Hub id"
         ) from exc
+    finally:
+        logger.removeFilter(notice)
+
+
+HUB_ID = "a Hugging Face Hub id"
 
 
 def load_pipeline(
@@ -1043,7 +1090,7 @@ def load_pipeline(
         return build_builtin(str(model), seed=seed, torch_dtype=torch_dtype or torch.float32)
     kwargs = dict(from_pretrained_kwargs)
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs["dtype"] = torch_dtype  # diffusers >= 0.42 deprecates `torch_dtype` (a FutureWarning)
     path = Path(os.path.expanduser(os.fspath(model)))
     if path.is_dir():
         return _from_pretrained(str(path), "a local pipeline directory", kwargs)
@@ -1052,4 +1099,4 @@ def load_pipeline(
             f"model={os.fspath(model)!r} is not a directory containing a saved diffusers pipeline, "
             f"nor a built-in model ({', '.join(BUILTIN_MODELS)})"
         )
-    return _from_pretrained(model, "a Hugging Face Hub id", kwargs)
+    return _from_pretrained(model, HUB_ID, kwargs)

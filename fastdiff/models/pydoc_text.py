@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..check_only import exit_if_check_only
 from ..core.objectives import LossLog, masked_diffusion_loss, optimizer_step
 
 PYDOC_MDLM_NAME = "pydoc-mdlm"
@@ -183,27 +184,101 @@ def load_pydoc_mdlm(path: str | Path = PYDOC_MDLM_DIR, dtype: torch.dtype = torc
 
         raise ModelLoadError(f"pydoc-mdlm weights not found in {path}; train them with "
                              "`python -m fastdiff.models.pydoc_text train`")
-    model = RoFormerForMaskedLM.from_pretrained(path, dtype=dtype).eval()
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a bar over a few MB of built-in weights is only noise
+    try:
+        model = RoFormerForMaskedLM.from_pretrained(path, dtype=dtype).eval()
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
     return model, PreTrainedTokenizerFast.from_pretrained(path)
 
 
+PROG = "python -m fastdiff.models.pydoc_text"
+
+
+def _device(text: str) -> str:
+    import argparse
+
+    from ..runner import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("device: ")) from None
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..cli import Parser  # one-line mistakes, defaults in the help: as fastdiff's own
+    from ..cli_checks import float_range, int_at_least
+
+    parser = Parser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,snapshot}")
+    trainer = commands.add_parser("train", help="train the model on the corpus snapshot and save it",
+                                  description="Train the RoFormer masked diffusion LM on the training topics of the "
+                                              "corpus snapshot, then save it (float16) with its tokenizer and "
+                                              "training.json, which holds the validation bound.")
+    trainer.add_argument("--out", type=Path, default=PYDOC_MDLM_DIR, metavar="DIR",
+                         help="folder to write the model to (default: the shipped model's, "
+                              "fastdiff/models/weights/pydoc-mdlm)")
+    trainer.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the weights and the batches")
+    trainer.add_argument("--steps", type=int_at_least(1), default=DEFAULT_STEPS, help="optimiser steps")
+    trainer.add_argument("--batch-size", type=int_at_least(1), default=16,
+                         help=f"windows of {SEQUENCE_LENGTH} tokens per step")
+    trainer.add_argument("--hidden", type=int_at_least(HEAD_WIDTH), default=HIDDEN,
+                         help=f"width, a multiple of {HEAD_WIDTH} (a larger variant; not the shipped model)")
+    trainer.add_argument("--layers", type=int_at_least(1), default=LAYERS,
+                         help="transformer layers (a larger variant; not the shipped model)")
+    trainer.add_argument("--learning-rate", type=float_range(0, low_open=True), default=LEARNING_RATE,
+                         help="peak learning rate (AdamW, warm-up then cosine decay)")
+    trainer.add_argument("--device", type=_device, default="cpu", help="torch device to train on (cpu, cuda, ...)")
+    evaluator = commands.add_parser("evaluate", help="the validation perplexity bound of a trained model",
+                                    description="The mean negative ELBO per token and its perplexity bound on the "
+                                                "held-out topics, as training.json reports it.")
+    evaluator.add_argument("--model", type=Path, default=PYDOC_MDLM_DIR, metavar="DIR",
+                           help="folder of the trained model (default: the shipped one)")
+    snapshotter = commands.add_parser("snapshot", help="write this Python's pydoc topics as the corpus",
+                                      description="Write this Python's pydoc_data.topics as the corpus snapshot "
+                                                  "(only to refresh it: the shipped model was trained on the "
+                                                  "shipped snapshot).")
+    snapshotter.add_argument("--out", type=Path, default=CORPUS_SNAPSHOT, metavar="PATH",
+                             help="file to write (default: the shipped snapshot, "
+                                  "fastdiff/models/data/pydoc_topics.json.gz)")
+    parser.commands = commands.choices  # type: ignore[attr-defined]  # each command's parser blames its own mistakes
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.models.pydoc_text", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    trainer = commands.add_parser("train")
-    trainer.add_argument("--out", type=Path, default=PYDOC_MDLM_DIR)
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    trainer.add_argument("--batch-size", type=int, default=16)
-    trainer.add_argument("--hidden", type=int, default=HIDDEN, help="width (a larger variant; not the shipped model)")
-    trainer.add_argument("--layers", type=int, default=LAYERS)
-    trainer.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
-    trainer.add_argument("--device", default="cpu")
-    evaluator = commands.add_parser("evaluate")
-    evaluator.add_argument("--model", type=Path, default=PYDOC_MDLM_DIR)
-    snapshotter = commands.add_parser("snapshot", help="write this Python's pydoc topics as the corpus")
-    snapshotter.add_argument("--out", type=Path, default=CORPUS_SNAPSHOT)
+    """Ctrl-C ends any command with one line and exit status 130; a bad argument with one line
+    and exit status 2, before any work."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser.commands[args.command], args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{PROG} {args.command}: interrupted\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ..cli_checks import UsageError, check_output_file, check_output_folder
+
+    try:
+        if args.command == "train":
+            check_output_folder("--out", args.out)
+        elif args.command == "snapshot":
+            check_output_file("--out", args.out)
+    except UsageError as error:
+        parser.error(str(error))
+    if args.command == "train" and args.hidden % HEAD_WIDTH:
+        parser.error(f"--hidden: must be a multiple of {HEAD_WIDTH} (the width of one attention head), "
+                     f"got {args.hidden}")
+    if args.command == "evaluate" and not (args.model / "config.json").is_file():
+        parser.error(f"--model: {str(args.model)!r} holds no pydoc-mdlm model (config.json); train one with "
+                     f"`{PROG} train --out {args.model}`")
+    exit_if_check_only("python -m fastdiff.models.pydoc_text")
     if args.command == "snapshot":
         print(json.dumps(write_snapshot(args.out)))
         return 0

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..check_only import exit_if_check_only
 from ..core.objectives import LossLog, masked_diffusion_loss, optimizer_step
 from .sudoku import (
     CELLS,
@@ -157,6 +158,72 @@ def load_sudoku_mdlm(path: str | Path = SUDOKU_MDLM_DIR, dtype: torch.dtype = to
     return model.to(dtype).eval()
 
 
+class SudokuTokenizer:
+    """The text side of ``sudoku-mdlm`` in the text pipeline. A prompt is a puzzle: 81 cells of 0-9
+    (0 for a blank), row by row, whitespace ignored; one token per cell, the value itself. A
+    decoded grid is its nine rows, one a line, after a line break, so that prompt + text reads as
+    the puzzle, then the filled grid."""
+
+    mask_token_id = MASK_TOKEN_ID
+    pad_token_id = None
+    eos_token_id = None
+
+    def __call__(self, text: str, **kwargs: Any) -> dict[str, list[int]]:
+        from .sudoku import parse_sudoku
+
+        return {"input_ids": parse_sudoku(text, "prompt")}
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        cells = "".join(str(int(v)) for v in (ids.tolist() if isinstance(ids, torch.Tensor) else ids))
+        return "".join("\n" + cells[row:row + 9] for row in range(0, len(cells), 9))
+
+
+class SudokuTextModel(nn.Module):
+    """``sudoku-mdlm`` as a masked LM of the text pipeline: the canvas is the puzzle (the prompt,
+    81 tokens) followed by the grid being filled (81 tokens). The generated grid starts as the
+    puzzle (:meth:`generation_from_prompt`), so the samplers decide the blanks only, as
+    :func:`solve` does; the logits of both halves are those of the grid."""
+
+    def __init__(self, denoiser: SudokuDenoiser) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.denoiser = denoiser
+        # what the pipeline reads from a transformers config; no maximum length: the checks below
+        # say what is wrong more precisely than "too long"
+        self.config = SimpleNamespace(model_type="sudoku-mdlm", vocab_size=VOCAB, mask_token_id=MASK_TOKEN_ID)
+
+    @staticmethod
+    def _check(prompt_length: int, gen_length: int) -> None:
+        if prompt_length != CELLS or gen_length != CELLS:
+            raise ValueError(f"sudoku-mdlm fills the {CELLS} cells of the puzzle given as the prompt (one prompt of "
+                             f"{CELLS} cells, gen_length={CELLS}); got a prompt of {prompt_length} tokens and "
+                             f"gen_length={gen_length}")
+
+    def generation_from_prompt(self, prompt_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The grid to fill: the puzzle, its blanks the mask token."""
+        self._check(prompt_ids.shape[1], noise.shape[1])
+        return prompt_ids.clone()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        self._check(input_ids.shape[1] - CELLS, CELLS)
+        puzzle, grid = input_ids[:, :CELLS], input_ids[:, CELLS:]
+        # guidance masks the prompt: then the grid alone is what the model sees
+        grid = torch.where(grid == MASK_TOKEN_ID, puzzle, grid)
+        logits = self.denoiser(grid).logits
+        return MaskedLMOutput(logits=torch.cat([logits, logits], dim=1))
+
+
+def load_sudoku_text(dtype: torch.dtype = torch.float32, path: str | Path = SUDOKU_MDLM_DIR) -> tuple[Any, Any]:
+    """(model, tokenizer) of the shipped model for the text pipeline (``sudoku-mdlm``)."""
+    return SudokuTextModel(load_sudoku_mdlm(path, dtype)).eval(), SudokuTokenizer()
+
+
 def held_out(count: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """(puzzles, solutions): ``count`` held-out puzzles with unique solutions, never trained on."""
     rng = random.Random(f"sudoku-test-{seed}")
@@ -237,6 +304,8 @@ def _solve_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     if not solutions(puzzle, 1):
         parser.error("--puzzle: this puzzle has no solution (two equal digits share a row, column or box, or the "
                      "clues leave a cell no digit)")
+    _check_model_folder(parser, args.model)
+    exit_if_check_only("python -m fastdiff.models.sudoku_mdlm")
     grid, calls = solve(load_sudoku_mdlm(args.model), torch.tensor([puzzle]), scheduler)
     filled = grid[0].tolist()
     for row in range(9):
@@ -246,44 +315,106 @@ def _solve_one(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
     return 0 if valid else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.models.sudoku_mdlm", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    trainer = commands.add_parser("train")
-    trainer.add_argument("--out", type=Path, default=SUDOKU_MDLM_DIR)
-    trainer.add_argument("--minutes", type=float, default=40.0)
-    trainer.add_argument("--batch-size", type=int, default=128)
-    trainer.add_argument("--learning-rate", type=float, default=1e-3)
-    trainer.add_argument("--seed", type=int, default=0)
+PROG = "python -m fastdiff.models.sudoku_mdlm"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter, Parser  # one-line mistakes, defaults in the help: as fastdiff's own
+    from ..cli_checks import int_at_least
+
+    parser = Parser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,solve,evaluate}")
+    trainer = commands.add_parser("train", formatter_class=HelpFormatter,
+                                  help="train the model for a fixed wall-clock budget and save it",
+                                  description="Train sudoku-mdlm for a fixed wall-clock budget (the learning-rate "
+                                              "schedule is sized from a measured step time), then save config.json, "
+                                              "model.safetensors and training.json.")
+    trainer.add_argument("--out", type=Path, default=SUDOKU_MDLM_DIR, metavar="DIR",
+                         help="folder to write the model to (default: the shipped model's, "
+                              "fastdiff/models/weights/sudoku-mdlm)")
+    trainer.add_argument("--minutes", type=float, default=40.0, help="training time budget in minutes")
+    trainer.add_argument("--batch-size", type=int, default=128, help="grids per training step")
+    trainer.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
+    trainer.add_argument("--seed", type=int_at_least(0), default=0,
+                         help="seed of the weights, the training grids and the held-out puzzles they avoid")
+    shape_help = {"hidden": "width of the transformer", "layers": "transformer layers (each one more hop between "
+                  "peers)", "heads": "attention heads per layer (must divide --hidden)"}
     for name, value in DEFAULTS.items():
-        trainer.add_argument(f"--{name}", type=int, default=value)
-    solver = commands.add_parser("solve", help="fill one puzzle (81 characters 0-9, 0 for a blank)")
-    solver.add_argument("--puzzle", required=True)
+        trainer.add_argument(f"--{name}", type=int, default=value, help=shape_help[name])
+    solver = commands.add_parser("solve", formatter_class=HelpFormatter,
+                                 help="fill one puzzle (81 characters 0-9, 0 for a blank)",
+                                 description="Fill the blanks of one puzzle with the model and print the grid, "
+                                             "whether it is a valid solution and the model calls it took (exit "
+                                             "status 1 if it is not solved).")
+    solver.add_argument("--puzzle", required=True, metavar="CELLS",
+                        help="the puzzle: 81 characters 0-9 row by row, 0 for a blank (whitespace is ignored)")
     solver.add_argument("--sampler", default="threshold:threshold=0.9",
-                        help="sampler[:option=value,...] of the text scheduler (default: threshold:threshold=0.9)")
-    solver.add_argument("--model", type=Path, default=SUDOKU_MDLM_DIR)
-    evaluator = commands.add_parser("evaluate", help="puzzles solved and model calls per sampler")
-    evaluator.add_argument("--model", type=Path, default=SUDOKU_MDLM_DIR)
-    evaluator.add_argument("--puzzles", type=int, default=500)
-    evaluator.add_argument("--seed", type=int, default=0)
-    evaluator.add_argument("--json", type=Path, default=None)
+                        help="sampler[:option=value,...] of the text scheduler (see fastdiff text --help); "
+                             "decoding is greedy (temperature 0)")
+    solver.add_argument("--model", type=Path, default=SUDOKU_MDLM_DIR, metavar="DIR",
+                        help="folder of the trained model (default: the shipped one)")
+    evaluator = commands.add_parser("evaluate", formatter_class=HelpFormatter,
+                                    help="puzzles solved and model calls per sampler",
+                                    description="Run every sampler of the sampler table (docs/text.md) on held-out "
+                                                "puzzles, greedily: the share solved and the model calls per "
+                                                "puzzle.")
+    evaluator.add_argument("--model", type=Path, default=SUDOKU_MDLM_DIR, metavar="DIR",
+                           help="folder of the trained model (default: the shipped one)")
+    evaluator.add_argument("--puzzles", type=int, default=500, help="how many held-out puzzles")
+    evaluator.add_argument("--seed", type=int_at_least(0), default=0,
+                           help="seed of the held-out puzzles (and of the samplers' random choices)")
+    evaluator.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the table as JSON")
+    parser.commands = commands.choices  # type: ignore[attr-defined]  # each command's parser blames its own mistakes
+    return parser
+
+
+def _check_model_folder(parser: argparse.ArgumentParser, folder: Path) -> None:
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        parser.error(f"--model: {str(folder)!r} holds no sudoku-mdlm model (config.json and model.safetensors); "
+                     f"train one with `{PROG} train --out {folder}`")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Ctrl-C ends any command with one line and exit status 130; a bad argument with one line
+    and exit status 2, before any work."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser.commands[args.command], args)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{PROG} {args.command}: interrupted\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from ..cli_checks import UsageError, check_output_file, check_output_folder
+
+    try:
+        if args.command == "train":
+            check_output_folder("--out", args.out)
+        if args.command == "evaluate":
+            check_output_file("--json", args.json)
+    except UsageError as error:
+        parser.error(str(error))
     if args.command == "train":
         for name in ("minutes", "batch_size", "learning_rate", *DEFAULTS):
             if not getattr(args, name) > 0:
                 parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        if args.hidden % args.heads:
+            parser.error(f"--heads: {args.heads} does not divide --hidden {args.hidden}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "solve":
         return _solve_one(parser, args)
     if args.command == "evaluate":
         if args.puzzles < 1:
             parser.error(f"--puzzles must be >= 1, got {args.puzzles}")
+        _check_model_folder(parser, args.model)
+        exit_if_check_only("python -m fastdiff.models.sudoku_mdlm")
         result = evaluate(load_sudoku_mdlm(args.model), args.puzzles, args.seed, log=lambda m: print(m, flush=True))
         if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result))
         return 0
+    exit_if_check_only("python -m fastdiff.models.sudoku_mdlm")
     result = train(args.out, minutes=args.minutes, batch_size=args.batch_size, learning_rate=args.learning_rate,
                    seed=args.seed, log=lambda m: print(m, flush=True), hidden=args.hidden, layers=args.layers,
                    heads=args.heads)

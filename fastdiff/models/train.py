@@ -27,6 +27,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
 
+from ..check_only import exit_if_check_only
 from ..core.objectives import noise_prediction_loss, optimizer_step, velocity_loss
 from .digits import (
     DIGITS_FEATURES_FILE,
@@ -475,6 +476,7 @@ def _log(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    exit_if_check_only("python -m fastdiff.models.train")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     started = time.perf_counter()
     if args.command == "digits":

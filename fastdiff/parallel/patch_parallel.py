@@ -338,6 +338,7 @@ class PatchParallel(Method):
                 warnings.warn("PatchParallel: one process (not launched with torchrun/accelerate): nothing to split, "
                               "the pipeline runs as usual", stacklevel=3)
             return []
+        runtime.ledger.processes = self.group.world_size  # its report tells split work from saved work
         if self.split_guidance and self.group.world_size % 2 == 0 and anatomy.guidance == "batch":
             gated = [m.name for m in runtime.methods if m.name == "tgate"]
             if gated:

@@ -10,6 +10,7 @@ model calls made).
 
 from __future__ import annotations
 
+import re
 import time as clock
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,76 @@ from .block_diffusion import (
 )
 from .model_interface import interface_for
 from .text_cache import KV_CACHES, BlockCache, make_cache
+
+
+@dataclass(frozen=True)
+class BuiltinTextModel:
+    """A text model that ships with the package (weights included: it loads offline).
+
+    ``loader``: ``"module:function"``, called with ``dtype=``, returning (model, tokenizer), so that
+    naming the models imports none of them; ``example_prompt``: what ``fastdiff text`` asks by
+    default; ``sampler``/``temperature``: the scheduler it starts with when none is given;
+    ``gen_length``: the one generation length it takes (its canvas), if it has one;
+    ``prompt_check``: ``"module:function"`` taking (prompt, argument name), raising ``ValueError``
+    for a prompt the model cannot take, so a command can refuse it before loading anything."""
+
+    loader: str
+    example_prompt: str
+    sampler: str | None = None
+    temperature: float | None = None
+    gen_length: int | None = None
+    prompt_check: str | None = None
+
+    def load(self, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        return _function(self.loader)(dtype=dtype)
+
+    def check_prompt(self, prompt: str, argument: str = "prompt") -> None:
+        if self.prompt_check is not None:
+            _function(self.prompt_check)(prompt, argument)
+
+
+def _function(path: str) -> Callable[..., Any]:
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+BUILTIN_TEXT_MODELS: dict[str, BuiltinTextModel] = {
+    "pydoc-mdlm": BuiltinTextModel("fastdiff.models.pydoc_text:load_pydoc_mdlm", 'The "assert" statement'),
+    # a prompt is a puzzle (81 cells of 0-9, 0 for a blank); the generation is the filled grid. The
+    # example is the first held-out puzzle (``sudoku_mdlm.held_out(1)``, 57 blanks), which it solves
+    "sudoku-mdlm": BuiltinTextModel(
+        "fastdiff.models.sudoku_mdlm:load_sudoku_text",
+        "000000000500000400902003005006050004008600020300084600040026009000000007050070080",
+        sampler="threshold:threshold=0.9", temperature=0.0, gen_length=81,
+        prompt_check="fastdiff.models.sudoku:parse_sudoku"),
+}
+# a hub id: ``name`` or ``org/name`` of letters, digits, ``-``, ``_`` and ``.``
+_HUB_ID = re.compile(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}")
+
+
+def check_text_model_name(name: str) -> None:
+    """Refuse at once a name that is no built-in, no folder and cannot be a hub id (or is a near
+    miss of a built-in name, such as ``sudoku``): the hub would be asked otherwise, which without
+    a network retries for half a minute before it fails. Raises ``ModelLoadError``."""
+    import difflib
+    import os
+
+    from ..models.builtin import ModelLoadError, looks_like_path
+
+    if name in BUILTIN_TEXT_MODELS or os.path.isdir(name):
+        return
+    builtins = f"built-in text models: {', '.join(BUILTIN_TEXT_MODELS)}"
+    if os.path.exists(name):
+        raise ModelLoadError(f"{name!r} is a file; give a model folder, a hub id or a built-in name ({builtins})")
+    if looks_like_path(name):
+        raise ModelLoadError(f"no such folder {name!r}; {builtins}")
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise ModelLoadError(f"{name!r} is neither a built-in name, a folder nor a hub id (org/name); {builtins}")
+    near = difflib.get_close_matches(name, list(BUILTIN_TEXT_MODELS), n=1, cutoff=0.6)
+    if near and "/" not in name:
+        raise ModelLoadError(f"{name!r} is not a built-in text model (did you mean {near[0]!r}?); {builtins}")
 
 
 @dataclass
@@ -97,18 +168,21 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Any, *args: Any, sampler: str | None = None,
                         trust_remote_code: bool = False, **kwargs: Any) -> MaskedDiffusionLMPipeline:
-        """A built-in name (``pydoc-mdlm``), a saved pipeline folder (``model_index.json``), or a
-        transformers model folder or hub id (masked LM or remote-code diffusion LM, with its
-        tokenizer). ``sampler``: the scheduler's sampler (with options, ``"threshold:threshold=0.8"``);
-        for a saved pipeline it replaces the saved sampler and keeps the rest of its config."""
+        """A built-in name (:data:`BUILTIN_TEXT_MODELS`: ``pydoc-mdlm``, ``sudoku-mdlm``), a saved
+        pipeline folder (``model_index.json``), or a transformers model folder or hub id (masked LM or
+        remote-code diffusion LM, with its tokenizer). ``sampler``: the scheduler's sampler (with
+        options, ``"threshold:threshold=0.8"``); for a saved pipeline it replaces the saved sampler
+        and keeps the rest of its config. A name that can be none of these fails at once
+        (:func:`check_text_model_name`)."""
         import os
 
-        from ..models.pydoc_text import PYDOC_MDLM_NAME, load_pydoc_mdlm
-
         name = os.fspath(pretrained_model_name_or_path)
-        if name == PYDOC_MDLM_NAME:
-            model, tokenizer = load_pydoc_mdlm(dtype=kwargs.pop("torch_dtype", None) or torch.float32)
-            return cls(model, tokenizer, _scheduler(sampler), **kwargs)
+        builtin = BUILTIN_TEXT_MODELS.get(name)
+        if builtin is not None:
+            model, tokenizer = builtin.load(kwargs.pop("torch_dtype", None) or torch.float32)
+            defaults = {} if builtin.temperature is None else {"temperature": builtin.temperature}
+            return cls(model, tokenizer, _scheduler(sampler or builtin.sampler, **defaults), **kwargs)
+        check_text_model_name(name)
         if os.path.isfile(os.path.join(name, "model_index.json")):
             pipe = super().from_pretrained(name, *args, **kwargs)
             if sampler is not None:
@@ -318,8 +392,8 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                              f"(recomputed tokens are placed after the cached ones); {type(self.model).__name__} has "
                              f"neither: use kv_cache='prefix'")
         if kv_cache is not None and not self.interface.takes_cache:
-            raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed as "
-                             f"past_key_values; {type(self.model).__name__}.forward takes no past_key_values")
+            raise ValueError(f"kv_cache needs a model whose attention layers fill a transformers Cache passed to "
+                             f"them; {type(self.model).__name__}.forward takes none (no cache= or past_key_values=)")
         if self.block_model is not None:
             block_length = self._check_block_model(gen_length, block_length, kv_cache, cfg_scale)
         if confidence_stop is not None and not confidence_stop > 0:
@@ -357,6 +431,9 @@ class MaskedDiffusionLMPipeline(DiffusionPipeline):
                              "has no mask token")
         if uses_mask:
             noise = torch.full((batch, gen_length), mask_id, device=self.device)
+            from_prompt = getattr(self.model, "generation_from_prompt", None)
+            if callable(from_prompt):  # a task model whose prompt states the canvas (sudoku-mdlm: the clues)
+                noise = from_prompt(prompt_ids, noise)
         else:  # uniform noise over the whole generation, as the model was trained to see it
             noise = schedule.initial_sample((batch, gen_length), self._vocab_size(), generator, self.device)
         canvas = torch.cat([prompt_ids, noise], dim=1)

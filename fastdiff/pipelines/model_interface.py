@@ -31,8 +31,13 @@ class ModelInterface:
     time_input: str | None = None
     takes_attention_mask: bool = True
     takes_position_ids: bool = False
-    takes_cache: bool = False
+    cache_argument: str | None = None  # the keyword its forward takes a transformers Cache under, if any
     rotary_table: str | None = None  # submodule whose forward takes position_ids when the model's does not
+
+    @property
+    def takes_cache(self) -> bool:
+        """Whether the model's attention layers can be handed a transformers Cache (the kv caches need it)."""
+        return self.cache_argument is not None
 
     @property
     def places_tokens(self) -> bool:
@@ -59,14 +64,20 @@ class ModelInterface:
         ``position_ids`` say where the given tokens sit."""
         kwargs: dict[str, Any] = {}
         padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded and self.takes_attention_mask:
+        # After a cache the mask is the one input that says how many keys there are: without it,
+        # transformers >= 5.25 reads the scattered position_ids of dKV-Cache's recomputed tokens
+        # as packed sequences and builds a mask as long as the new tokens alone.
+        after_cache = attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]
+        if (padded or after_cache) and self.takes_attention_mask:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None and self.takes_position_ids:
             kwargs["position_ids"] = position_ids
         elif padded and self.takes_position_ids:  # left padding: real tokens start at position 0, as unpadded
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            if self.cache_argument is None:
+                raise ValueError("this model's forward takes no transformers Cache (cache= or past_key_values=)")
+            kwargs[self.cache_argument] = past_key_values
         if self.time_input is not None:
             kwargs["timesteps"] = time
         if position_ids is not None and not self.takes_position_ids and self.rotary_table is not None:
@@ -109,6 +120,19 @@ def _rotary_table(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _cache_argument(model: torch.nn.Module) -> str | None:
+    """The keyword ``model`` takes a transformers Cache under. transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name still works there but warns), and a masked LM head
+    passes it on through ``**kwargs``, so the names are looked up on the head and on its base model;
+    ``past_key_values`` when only ``**kwargs`` takes it (remote-code models, older transformers)."""
+    base = getattr(model, "base_model", None)
+    for module in (model, base) if isinstance(base, torch.nn.Module) and base is not model else (model,):
+        for name in ("cache", "past_key_values"):
+            if _accepts(module, name):
+                return name
+    return "past_key_values" if _accepts(model, "past_key_values", via_kwargs=True) else None
+
+
 def _accepts(model: torch.nn.Module, name: str, via_kwargs: bool = False) -> bool:
     """Whether ``model.forward`` takes ``name``: as a named parameter, or (``via_kwargs``) through
     ``**kwargs``, which transformers models use to pass a cache down to their attention layers."""
@@ -148,6 +172,6 @@ def interface_for(model: torch.nn.Module, tokenizer: Any = None, *, mask_token_i
         time_input=known.get("time_input") if time_input is False else time_input,
         takes_attention_mask=_accepts(model, "attention_mask"),
         takes_position_ids=_accepts(model, "position_ids"),
-        takes_cache=_accepts(model, "past_key_values", via_kwargs=True),
+        cache_argument=_cache_argument(model),
         rotary_table=None if _accepts(model, "position_ids") else _rotary_table(model),
     )

@@ -44,8 +44,9 @@ class BlockCache:
         logits = forward(ids, attention, past_key_values=cache)
         if cache.get_seq_length() != ids.shape[1]:
             raise ValueError(
-                "kv_cache needs a model whose attention layers fill a transformers Cache passed as past_key_values "
-                "(BERT-style masked LMs and most remote-code diffusion LMs do); this model left it empty"
+                "kv_cache needs a model whose attention layers fill a transformers Cache passed to them (cache= or "
+                "past_key_values=; BERT-style masked LMs and most remote-code diffusion LMs do); this model left it "
+                "empty"
             )
         keep = (~self.query).to(ids.device)
         self.layers = [(layer.keys[:, :, keep], layer.values[:, :, keep]) for layer in cache.layers]
@@ -94,7 +95,7 @@ class DelayedCache:
         logits = forward(ids, attention, past_key_values=cache)
         if cache.get_seq_length() != ids.shape[1]:
             raise ValueError("kv_cache='dkv' needs a model whose attention layers fill a transformers Cache passed "
-                             "as past_key_values; this model left it empty")
+                             "to them (cache= or past_key_values=); this model left it empty")
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]
         self.made_from, self.logits, self.count = ids.clone(), logits, 1
         return logits
