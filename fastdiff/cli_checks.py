@@ -14,7 +14,7 @@ import argparse
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -204,3 +204,15 @@ def require_packages(argument: str, *modules: str) -> None:
     else:
         install = f"pip install {' '.join(names)}"
     raise UsageError(f"{argument} needs {listed}: {install}")
+
+
+def run_subcommand(parser: argparse.ArgumentParser, prog: str,
+                   run: Callable[[argparse.ArgumentParser, argparse.Namespace], int],
+                   argv: Sequence[str] | None = None) -> int:
+    """The ``python -m`` command lines share one contract: a bad argument is one line and exit 2
+    before any work (``run`` gets the subcommand's own parser to blame), Ctrl-C one line and 130."""
+    args = parser.parse_args(argv)
+    try:
+        return run(parser.commands[args.command], args)  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        parser.exit(130, f"{prog} {args.command}: interrupted\n")

@@ -377,12 +377,9 @@ def _check_model_folder(parser: argparse.ArgumentParser, folder: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Ctrl-C ends any command with one line and exit status 130; a bad argument with one line
     and exit status 2, before any work."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        return _run(parser.commands[args.command], args)
-    except KeyboardInterrupt:
-        parser.exit(130, f"{PROG} {args.command}: interrupted\n")
+    from ..cli_checks import run_subcommand
+
+    return run_subcommand(_parser(), PROG, _run, argv)
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
