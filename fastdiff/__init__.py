@@ -33,17 +33,19 @@ _EXPORTS: dict[str, str] = {
     "StepClock": "core",
     "apply": "core",
     "parse_method": "core",
+    "compile_pipeline": "compilation",
 }
 _SUBPACKAGES = ("anatomy", "caching", "core", "evals", "models", "parallel", "pipelines", "schedulers")
 
 __all__ = [
     "Accelerator", "BlockCache", "BlockCacheCalibration", "DeepCache", "EarlyExit", "EncoderPropagation", "TGate",
     "Decision", "Ledger", "Method", "PatchParallel", "Plan", "Report", "StepClock",
-    "__version__", "apply", "parse_method",
+    "__version__", "apply", "compile_pipeline", "parse_method",
 ]
 
 if TYPE_CHECKING:
     from . import anatomy, caching, core, evals, models, parallel, pipelines, schedulers
+    from .compilation import compile_pipeline
     from .caching import BlockCache, BlockCacheCalibration, DeepCache, EarlyExit, EncoderPropagation, TGate
     from .core import Accelerator, Decision, Ledger, Method, Plan, Report, StepClock, apply, parse_method
     from .parallel import PatchParallel

@@ -179,6 +179,12 @@ def _common(parser: argparse.ArgumentParser, methods: bool = True) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
 
 
+def _compile_option(parser: argparse.ArgumentParser, more: str = "") -> None:
+    parser.add_argument("--compile", choices=("none", "regional", "full"), default="none",
+                        help="torch.compile the denoiser: regional (each repeated block, once for all its copies) "
+                             "or full (the whole model)" + more)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="fastdiff", description="Faster diffusion sampling for diffusers pipelines.",
                     epilog="Run fastdiff COMMAND --help for a command's options; generate and bench list the "
@@ -195,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="image.png",
                      help="output image (.png, .jpg, ...); a video model writes an animated .png (APNG), .gif or .webp")
     gen.add_argument("--no-flops", action="store_true", help="do not count FLOPs (faster on large models)")
+    _compile_option(gen)
     gen.add_argument("--show-plan", action="store_true", help="print the reuse plan before generating")
 
     bench = commands.add_parser("bench", help="time vanilla vs accelerated side by side in one process",
@@ -205,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed calls first")
     bench.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls of each")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON result")
+    _compile_option(bench, " (timing bench: vanilla and accelerated both compiled; compile time reported apart)")
     parallel = bench.add_argument_group("patch parallelism")
     parallel.add_argument("--parallel", type=int_at_least(2), default=None, metavar="N",
                           help="compare one process with N processes started by the harness, running the --method "
@@ -340,7 +348,6 @@ def _check_request(pipe, request, step_counts: Sequence[int | None] = ()) -> Non
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .core.accelerator import apply
     from .media import VIDEO_SUFFIXES, Video, makes_video, save_output
     from .parallel.group import is_main_process, launched_device, launched_world_size
     from .runner import generate, prepare_methods
@@ -355,7 +362,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_request(pipe, request)
     split = _check_patches(pipe, args.method, request, launched_world_size())
     args.method = prepare_methods(pipe, args.method, request, args.model)
-    accelerator = apply(pipe, *args.method, count_flops=not args.no_flops)
+    compiled = _compile(pipe, args)
+    # FLOPs are counted as operators dispatch, which compiled kernels do not
+    accelerator = _apply(pipe, args.method, count_flops=not args.no_flops and not compiled)
     if args.show_plan:
         print(accelerator.plan_for(request.steps or accelerator.default_steps))
     image = generate(pipe, request)[0]
@@ -366,6 +375,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     methods = ", ".join(m.spec() for m in args.method) or "no method"
     frames = f", {len(image)} frames" if isinstance(image, Video) else ""
     print(f"wrote {out} ({image.width}x{image.height}{frames}) with {methods}: {accelerator.report().summary()}")
+    if compiled:
+        from .core.progress import plural
+
+        print(f"compiled ({args.compile}: {plural(len(compiled), 'module')}); the time above includes compiling, "
+              "and FLOPs are not counted while compiled (fastdiff bench --compile counts them eagerly)")
     if split is not None and launched_world_size() > 1:
         print(f"split across {launched_world_size()} processes: {split}")
     return 0
@@ -379,6 +393,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_model_argument(args.model)
     if args.quality and args.parallel is not None:
         raise UsageError("--quality and --parallel: choose one (quality scores images, --parallel times processes)")
+    if args.compile != "none" and (args.quality or args.parallel is not None):
+        raise UsageError(f"--compile: only with the timing bench, not with {'--quality' if args.quality else '--parallel'}")
     if args.quality:
         return _quality_bench(args)
     if args.parallel is not None:
@@ -387,6 +403,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.variant:
         raise UsageError("--variant: only with --quality or --parallel; the timing bench compares one --method "
                          "list with vanilla")
+    if args.compile != "none" and args.warmup < 1:
+        raise UsageError("--warmup: at least 1 with --compile (the first call compiles and is not timed)")
     if args.threads is not None:
         raise UsageError("--threads: only with --parallel")
     _refuse_quality_options(args)
@@ -395,11 +413,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     pipe = _load(args)
     _check_request(pipe, request)
     args.method = prepare_methods(pipe, args.method, request, args.model)
-    result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats)
+    from .core.compiled import CompileError
+
+    _check_compile(pipe, args.method, args.compile)
+    try:
+        result = benchmark(pipe, args.method, request, model=args.model, warmup=args.warmup, repeats=args.repeats,
+                           compile=args.compile)
+    except CompileError as exc:
+        raise UsageError(f"--compile {args.compile}: {exc}") from None
     print(result)
     write(result, args.json)
     print(f"wrote {args.json}")
     return 0
+
+
+def _check_compile(pipe, methods: Sequence[Method], mode: str) -> None:
+    """Before any call: the methods can run on the compiled denoiser, and a regional compile has blocks."""
+    if mode == "none":
+        return
+    from .compilation import regional_block_classes
+    from .core.accelerator import find_denoiser
+
+    for method in methods:
+        reason = method.compile_refusal()
+        if reason:
+            raise UsageError(f"--compile {mode}: --method {method.spec()} cannot run compiled: {reason}")
+    if mode == "regional":
+        try:
+            regional_block_classes(find_denoiser(pipe)[1])
+        except ValueError as exc:
+            raise UsageError(f"--compile regional: {exc}") from None
+
+
+def _compile(pipe, args: argparse.Namespace) -> list[str]:
+    from .compilation import compile_pipeline
+
+    _check_compile(pipe, args.method, args.compile)
+    return compile_pipeline(pipe, args.compile)
+
+
+def _apply(pipe, methods: Sequence[Method], **options: Any):
+    from .core.accelerator import apply
+    from .core.compiled import CompileError
+
+    try:
+        return apply(pipe, *methods, **options)
+    except CompileError as exc:
+        raise UsageError(f"--compile: {exc}") from None
 
 
 def _refuse_quality_options(args: argparse.Namespace) -> None:

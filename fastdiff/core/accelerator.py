@@ -19,6 +19,7 @@ from diffusers.hooks import ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
 from .clock import StepClock, steps_announced
+from .compiled import CompileError, CompileState
 from .flops import total_flop_counter
 from .forecast import FORECASTS
 from .hooks import CLOCK_HOOK, REUSE_HOOK, DenoiserClockHook, InstalledHook, ReuseHook, install_hook, uninstall_hook
@@ -32,8 +33,14 @@ DENOISER_NAMES = ("unet", "transformer")
 ATTRIBUTE = "acceleration"
 
 
+def compiled_wrapper(module: Any) -> Any:
+    """The ``OptimizedModule`` that ``torch.compile(model)`` returns, or ``None``."""
+    return module if isinstance(getattr(module, "_orig_mod", None), torch.nn.Module) else None
+
+
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    """The network called once per step; methods act on its submodules."""
+    """The network called once per step; methods act on its submodules (inside the
+    ``torch.compile(model)`` wrapper where the pipeline holds one)."""
     if not isinstance(pipe, DiffusionPipeline):
         raise TypeError(
             f"pipe: expected a diffusers DiffusionPipeline, got {type(pipe).__name__}; "
@@ -42,7 +49,8 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     for name in DENOISER_NAMES:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
-            return name, module
+            wrapper = compiled_wrapper(module)
+            return name, (module if wrapper is None else wrapper._orig_mod)
     raise TypeError(
         f"pipe: {type(pipe).__name__} has no denoiser fastdiff can accelerate "
         f"(looked for components {list(DENOISER_NAMES)})"
@@ -92,6 +100,8 @@ class Accelerator:
         self._plan: Plan | None = None
         self._last_plan: Plan | None = None
         self._installed: list[InstalledHook] = []
+        self._hooks: list[tuple[torch.nn.Module, ModelHook]] = []  # every hook fastdiff installed, with its module
+        self.compile_state = CompileState()
         self._reuse_hooks: list[ReuseHook] = []
         self._counter: FlopCounterMode | None = None
         # while a vanilla shadow pass is counted: its input signature (hooks record their cost under it)
@@ -152,6 +162,26 @@ class Accelerator:
 
     def _register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         self._installed.append(install_hook(module, hook, name))
+        self._hooks.append((module, hook))
+
+    @property
+    def compiled(self) -> bool:
+        """Whether compilation is in force on the denoiser or any module fastdiff hooks."""
+        return self.compile_state.active
+
+    def refresh_compile(self) -> None:
+        """Find what the user compiled (before or after ``apply``) and route each hooked module's own
+        work through it; refuse, before any work, what cannot run compiled."""
+        wrapper = compiled_wrapper(getattr(self.pipe, self.denoiser_name, None))
+        if wrapper is not None and wrapper._orig_mod is not self.denoiser:
+            wrapper = None
+        self.compile_state.refresh(self.denoiser_name, self.denoiser, wrapper, self._hooks)
+        if self.compile_state.active:
+            for method in self.methods:
+                reason = method.compile_refusal()
+                if reason:
+                    raise CompileError(f"{type(method).__name__} cannot run with a compiled {self.denoiser_name}: "
+                                       f"{reason}")
 
     def attach(self) -> None:
         """Validate everything first, then hook; any failure undoes what was done."""
@@ -181,6 +211,7 @@ class Accelerator:
                 hook = ReuseHook(self, path, owner.name, rule, order)
                 self._register(modules[path], hook, REUSE_HOOK)
                 self._reuse_hooks.append(hook)
+            self.refresh_compile()
             self.pipe.__dict__[ATTRIBUTE] = self
             self.pipe.__class__ = _accelerated_class(type(self.pipe))
         except BaseException:
@@ -190,9 +221,11 @@ class Accelerator:
             _invalidate_registry_cache(self.denoiser)
 
     def _detach(self) -> None:
+        self.compile_state.release(hook for _, hook in self._hooks)
         for item in reversed(self._installed):
             uninstall_hook(item)
         self._installed.clear()
+        self._hooks.clear()
         self._reuse_hooks.clear()
         base = getattr(type(self.pipe), "_fastdiff_base", None)
         if base is not None and self.pipe.__dict__.get(ATTRIBUTE) is self:
@@ -217,6 +250,7 @@ class Accelerator:
         if self.clock.active:  # a pipeline calling itself: the outer call owns the clock
             yield
             return
+        self.refresh_compile()
         self.call_arguments = _bound_arguments(type(self.pipe), args, kwargs or {})
         scheduler = getattr(self.pipe, "scheduler", None)
         observed = _observe_steps(scheduler, self)

@@ -1,7 +1,10 @@
 """The two diffusers hooks the engine installs: one on the denoiser, one per claimed module.
 
 Both are ``diffusers.hooks.ModelHook`` subclasses registered through ``HookRegistry`` so they
-stack with diffusers' own hooks (offloading, its caches) and come off cleanly.
+stack with diffusers' own hooks (offloading, its caches) and come off cleanly. Neither is ever
+traced by ``torch.compile`` (see :mod:`fastdiff.core.compiled`): a compiled caller breaks its
+graph at the hook, and the module behind the hook runs through ``compiled_forward`` when the
+user compiled it or a module around it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .compiled import eager
 from .forecast import Stacked, forecast
 from .plan import Decision
 from .rules import DEFAULT_RULE, ReuseRule, input_signature
@@ -67,6 +71,15 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
+def module_forward(hook: ModelHook, runtime: Accelerator) -> Any:
+    """What the hook runs for its module: the compiled form where compilation is in force, except
+    while FLOPs are counted (counting sees operators, which compiled kernels do not dispatch)."""
+    compiled = getattr(hook, "compiled_forward", None)
+    if compiled is None or runtime.count_flops or runtime.measuring is not None:
+        return hook.fn_ref.original_forward
+    return compiled
+
+
 class DenoiserClockHook(ModelHook):
     """Tells the engine a denoiser call is starting and what it cost; counts FLOPs when asked.
 
@@ -78,10 +91,12 @@ class DenoiserClockHook(ModelHook):
     def __init__(self, runtime: Accelerator) -> None:
         super().__init__()
         self.runtime = runtime
+        self.compiled_forward: Any = None
 
+    @eager
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
-        forward = self.fn_ref.original_forward
+        forward = module_forward(self, runtime)
         if not runtime.clock.active or runtime.measuring is not None:
             return forward(*args, **kwargs)
         runtime.denoiser_started(args, kwargs)
@@ -126,6 +141,7 @@ class ReuseHook(ModelHook):
         # what this module costs when the whole denoiser runs vanilla, by the denoiser call's input
         # signature: what a SKIP saves (a skipped module's own inputs may not be what it would have seen)
         self.vanilla_flops: dict[tuple, int] = {}
+        self.compiled_forward: Any = None
 
     @property
     def cached_bytes(self) -> int:
@@ -143,9 +159,10 @@ class ReuseHook(ModelHook):
         self.cached_flops = None
         self.rule.reset()
 
+    @eager
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
-        forward = self.fn_ref.original_forward
+        forward = module_forward(self, runtime)
         if not runtime.clock.active:
             return forward(*args, **kwargs)
         if runtime.measuring is not None:

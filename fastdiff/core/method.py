@@ -88,6 +88,10 @@ class Method:
         compute them ahead inside an earlier call."""
         return set()
 
+    def compile_refusal(self) -> str | None:
+        """Why this method cannot run on a compiled denoiser, or ``None`` where it can."""
+        return None
+
     def preferred_steps(self) -> int | None:
         """The step count this method was prepared for, if any (a calibrated schedule)."""
         return None

@@ -41,6 +41,17 @@ class RunStats:
     pipeline_flops: int
     denoiser_flops: int
     cache_bytes: int
+    first_call_s: float | None = None
+    """The first (warm-up) call: with a compiled denoiser, compilation is in it."""
+    graphs_first_call: int = 0
+    """Graphs torch.compile made during the first call."""
+    graphs_later: int = 0
+    """Graphs made during every later call (0: nothing recompiles once warm)."""
+
+    @property
+    def compile_s(self) -> float | None:
+        """What the first call took beyond a warm one: the compile time."""
+        return None if self.first_call_s is None else max(self.first_call_s - self.median_s, 0.0)
 
 
 @dataclass
@@ -62,6 +73,8 @@ class BenchResult:
     processes: int = 1
     """Processes that split each accelerated denoiser call (patch parallelism under a launcher):
     then the FLOP ratios are this process's share of the work, split rather than saved."""
+    compile: str = "none"
+    """How the denoiser was compiled for both (``none``, ``regional``, ``full``)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -79,6 +92,13 @@ class BenchResult:
                 f"{name:12} {s.median_s:>9.3f} {mem(s):>10} {s.cache_bytes / 2**20:>6.1f} MiB "
                 f"{s.pipeline_flops / 1e9:>13.1f} G"
                 for name, s in (("vanilla", v), ("accelerated", a))
+            ),
+            *(
+                [f"compiled ({self.compile}) for both; compile time (first call beyond a warm one): vanilla "
+                 f"{v.compile_s:.1f} s ({v.graphs_first_call} graphs), accelerated {a.compile_s:.1f} s "
+                 f"({a.graphs_first_call} graphs); graphs made after the first call: vanilla {v.graphs_later}, "
+                 f"accelerated {a.graphs_later}"]
+                if self.compile != "none" and v.compile_s is not None and a.compile_s is not None else []
             ),
             f"speedup {self.speedup:.2f}x (wall clock)   FLOP ratio {self.flop_ratio:.2f}x (ideal; denoiser "
             f"alone {self.denoiser_flop_ratio:.2f}x)"
@@ -126,8 +146,8 @@ def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: Genera
     """Whole-pipeline FLOPs of one call, and the ledger's report of it (the ledger's vanilla shadow
     passes are hidden from the counter here, so the total is the work the call really did)."""
     accelerator = apply(pipe, *methods, count_flops=True)
-    try:
-        with total_flop_counter() as counter:
+    try:  # operators are counted as they dispatch, which compiled kernels do not: count eagerly
+        with torch.compiler.set_stance("force_eager"), total_flop_counter() as counter:
             pipe(**call_kwargs(pipe, request), output_type="np")
         report = accelerator.report()
     finally:
@@ -136,11 +156,25 @@ def _counted(pipe: DiffusionPipeline, methods: Sequence[Method], request: Genera
 
 
 def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: GenerationRequest, *,
-              model: str = "", warmup: int = 1, repeats: int = 3, show_progress: bool = True) -> BenchResult:
+              model: str = "", warmup: int = 1, repeats: int = 3, show_progress: bool = True,
+              compile: str = "none", compile_options: dict[str, Any] | None = None) -> BenchResult:
     """Alternate vanilla and accelerated calls; medians, FLOP ratios and fidelity of the outputs.
-    ``show_progress``: one bar over all the calls (advanced between them, outside the timings)."""
+    ``show_progress``: one bar over all the calls (advanced between them, outside the timings).
+    ``compile``: compile the denoiser first (``regional`` or ``full``, see
+    :func:`fastdiff.compile_pipeline`), for vanilla and accelerated alike; the first call of each,
+    where compilation happens, is reported apart and never timed."""
+    from ..compilation import COMPILE_MODES, compile_pipeline
+    from ..core.compiled import graphs_compiled
+
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile: must be one of {list(COMPILE_MODES)}, got {compile!r}")
+    if compile != "none" and warmup < 1:
+        raise ValueError("warmup: a compiled benchmark needs at least 1 warm-up call (the first call compiles)")
+    compile_pipeline(pipe, compile, compile_options)
+    first: dict[str, float] = {}
+    graphs: dict[str, list[int]] = {"vanilla": [0, 0], "accelerated": [0, 0]}  # first call, later calls
     times: dict[str, list[float]] = {"vanilla": [], "accelerated": []}
     peaks: dict[str, int | None] = {"vanilla": None, "accelerated": None}
     images: dict[str, np.ndarray] = {}
@@ -150,11 +184,14 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
         for i in range(warmup + repeats):
             for kind in ("vanilla", "accelerated"):
                 accelerator = apply(pipe, *methods) if kind == "accelerated" else None
+                made = graphs_compiled()
                 try:
                     elapsed, peak, out = _timed(pipe, request)
                 finally:
                     if accelerator is not None:
                         accelerator.remove()
+                graphs[kind][min(i, 1)] += graphs_compiled() - made
+                first.setdefault(kind, elapsed)
                 bar.update(1)
                 images[kind] = out
                 if i >= warmup:
@@ -167,12 +204,15 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
         bar.update(1)
     stats = {
         kind: RunStats(times[kind], statistics.median(times[kind]), peaks[kind], flops, report.flops_run or 0,
-                       report.peak_cache_bytes)
+                       report.peak_cache_bytes, first_call_s=first[kind] if warmup else None,
+                       graphs_first_call=graphs[kind][0], graphs_later=graphs[kind][1])
         for kind, (flops, report) in counted.items()
     }
     vanilla_flops, accel_flops = counted["vanilla"][0], counted["accelerated"][0]
     accel_report = counted["accelerated"][1]
     notes = [f"torch {torch.__version__}", f"threads {torch.get_num_threads()}"]
+    if compile != "none":
+        notes.append("FLOPs counted in separate eager runs (counting sees operators; compiled kernels are not dispatched)")
     if accel_report.flops_vanilla != stats["vanilla"].denoiser_flops:
         notes.append(f"the ledger's vanilla denoiser FLOPs ({accel_report.flops_vanilla}) differ from the vanilla "
                      f"run's ({stats['vanilla'].denoiser_flops}): the two calls did not make the same denoiser calls")
@@ -193,6 +233,7 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
         report=accel_report.summary(),
         notes=notes,
         processes=accel_report.processes,
+        compile=compile,
     )
 
 

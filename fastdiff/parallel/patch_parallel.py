@@ -25,6 +25,7 @@ joined before the output norm; text tokens and a rotary table's text rows stay w
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,40 @@ def _splittable(denoiser: torch.nn.Module) -> Anatomy:
         f"not describe how its image tokens lie (no token layout for the {anatomy.family} family). PatchParallel "
         "splits UNets (SD 1.x/2.x, SDXL) and the transformers of DiT, PixArt, SD3/SD3.5, Flux and Wan"
     )
+
+
+# diffusers attention backends that run torch's scaled_dot_product_attention, where the keys and
+# values of joint / rotary attention are exchanged; the others (flash, sage, xformers...) call
+# their own kernels, which a patch cannot see into
+SDPA_BACKENDS = ("native", "_native_cudnn", "_native_efficient", "_native_flash", "_native_math", "_native_npu",
+                 "_native_xla")
+
+
+def check_attention_backends(denoiser: torch.nn.Module, paths: Sequence[str]) -> None:
+    """Refuse, before any call, an attention backend whose kernel the key/value exchange cannot reach."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    except ImportError:  # pragma: no cover - diffusers without the dispatcher
+        return
+    active = _AttentionBackendRegistry._active_backend
+    modules = dict(denoiser.named_modules())
+    for path in paths:
+        processor = getattr(modules.get(path), "processor", None)
+        backend = getattr(processor, "_attention_backend", None) or active
+        name = getattr(backend, "value", backend)
+        if name not in SDPA_BACKENDS:
+            raise ValueError(
+                f"PatchParallel: attention {path!r} runs on the {name!r} attention backend; its keys and values "
+                f"are exchanged inside torch's scaled_dot_product_attention, so use one of {list(SDPA_BACKENDS)} "
+                "(set_attention_backend(...) or attention_backend(...))"
+            )
+
+
+def _exchanged_attention(anatomy: Anatomy) -> list[str]:
+    tokens = anatomy.tokens
+    if tokens is None or not _keys_from_processor(tokens):
+        return []
+    return [*anatomy.attention_paths("joint"), *anatomy.attention_paths("self")]
 
 
 def _keys_from_processor(tokens: TokenLayout) -> bool:
@@ -323,6 +358,11 @@ class PatchParallel(Method):
         return None
 
     # -- the Method contract ----------------------------------------------------------------
+    def compile_refusal(self) -> str | None:
+        return ("every convolution, normalisation and attention layer exchanges with the other processes "
+                "as it runs, so a compiled graph would break at each of them; run the patch-parallel "
+                "denoiser uncompiled")
+
     def modules(self, denoiser: torch.nn.Module) -> list[str]:
         return []  # claims nothing: its layers sit inside whatever other methods reuse or skip
 
@@ -355,6 +395,7 @@ class PatchParallel(Method):
             # a FLOP-counting shadow pass (Ledger) measures local work only and exchanges nothing
             return None if runtime.measuring is not None else state(self).get("patch")
 
+        check_attention_backends(denoiser, _exchanged_attention(anatomy))
         hooks: list[tuple[Any, Any]] = self._decoder_hooks(runtime)
         tokens = anatomy.tokens
         if tokens is not None:
@@ -400,6 +441,7 @@ class PatchParallel(Method):
         batch = sample.shape[0]
         exchange = state.get("exchange")
         if exchange is None:
+            check_attention_backends(runtime.denoiser, _exchanged_attention(anatomy))  # the backend may have changed since apply
             halves = self._guidance_split(runtime, batch)
             state["halves"] = halves
             rank, size = (halves.rank, halves.size) if halves else (group.rank, group.world_size)

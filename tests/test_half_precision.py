@@ -1,0 +1,69 @@
+"""Every method in half precision, against the same-dtype vanilla.
+
+Set to reuse nothing, each method gives bf16 vanilla's output bit for bit; set to reuse, it
+stays close. Forecasts combine half-precision outputs in float32 (``core.forecast.combine``).
+bf16 runs on CPU; fp16 needs a GPU for most operators and is left to the GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.core.accelerator import find_denoiser
+from fastdiff.core.forecast import combine
+from fastdiff.models import builtin_info
+from fastdiff.runner import GenerationRequest, call_kwargs, load
+from test_family_matrix import METHODS, STEPS, Subject, refusal, reuse_nothing, reusing
+
+
+def _subject(name: str, dtype: str) -> Subject:
+    pipe = load(name, "cpu", dtype)
+    pipe.set_progress_bar_config(disable=True)
+    assert find_denoiser(pipe)[1].dtype == getattr(torch, dtype)
+    request = GenerationRequest(prompt=builtin_info(name).example_prompt, steps=STEPS).with_model_defaults(name)
+    kwargs = call_kwargs(pipe, request)
+    kwargs.pop("generator")
+    subject = Subject(name, pipe, kwargs, np.empty(0), 0.0)
+    subject.vanilla = subject.call()
+    subject.seed_spread = float(np.abs(subject.call(seed=1) - subject.vanilla).mean())
+    return subject
+
+
+def check_every_method(name: str, dtype: str = "bfloat16") -> None:
+    subject = _subject(name, dtype)
+    for method in METHODS:
+        if refusal(method, subject.anatomy):
+            continue
+        acc = fastdiff.apply(subject.pipe, reuse_nothing(method, subject))
+        assert np.array_equal(subject.call(), subject.vanilla), method
+        acc.remove()
+        acc = fastdiff.apply(subject.pipe, reusing(method, subject))
+        output = subject.call()
+        assert acc.report().module_calls_avoided > 0, method
+        acc.remove()
+        difference = float(np.abs(output - subject.vanilla).mean())
+        assert 0 < difference < 0.5 * subject.seed_spread, (method, difference, subject.seed_spread)
+
+
+def test_every_method_in_bfloat16_on_a_transformer() -> None:
+    check_every_method("tiny-sd3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-dit", "tiny-flux", "tiny-wan"])
+def test_every_method_in_bfloat16(name: str) -> None:
+    check_every_method(name)
+
+
+def test_forecasts_of_bfloat16_outputs_are_summed_in_float32() -> None:
+    generator = torch.Generator().manual_seed(0)
+    points = [torch.randn(4096, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    weights = [3.0, -3.0, 1.0]  # ab3 on evenly spaced steps
+    wide = sum(w * p.float() for w, p in zip(weights, points)).to(torch.bfloat16)
+    forecast = combine(points, weights)
+    assert forecast.dtype == torch.bfloat16 and torch.equal(forecast, wide)
+    narrow = sum(w * p for w, p in zip(weights, points))  # rounded to bf16 after every operation
+    assert not torch.equal(narrow, wide)
