@@ -273,6 +273,7 @@ def _killed_or_sleep(rank: int) -> None:
     time.sleep(120)
 
 
+@pytest.mark.slow
 def test_a_process_killed_from_outside_is_reported_and_the_others_stopped():
     from fastdiff.parallel.launch import run_processes
 

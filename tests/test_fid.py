@@ -363,6 +363,7 @@ def _distributed_fid(rank: int, world: int, port: int, real: str, fake: str, out
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_folders_match_single_process(tmp_path):
     real, fake = write_images(tmp_path / "real", 9, seed=0), write_images(tmp_path / "fake", 7, seed=1)
     single = fid_folders(real, fake, features=STAND_IN, show_progress=False).value

@@ -129,7 +129,8 @@ def sd_reference():
     return call(quiet("tiny-sd"))
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the default run keeps one two-process check: test_patch_parallel_families
+@pytest.mark.parametrize("world", [2, 4])
 def test_sync_equals_single_process_and_bytes_match_the_count(world, sd_reference, request):
     size = SIZE if world == 2 else 128  # tiny-sd splits into 8-row... 2x-downsampled units: 4 processes need 16 rows
     models = MODELS
@@ -264,6 +265,7 @@ def _crash_worker(rank):
     return "finished"
 
 
+@pytest.mark.slow
 def test_a_crashed_process_makes_the_others_fail():
     outcomes = run_processes(2, _crash_worker, threads=1)
     status, message = outcomes[0]
@@ -277,6 +279,7 @@ def _mismatch_worker(rank):
     call(pipe, prompt="a red circle" if rank == 0 else "a blue square")
 
 
+@pytest.mark.slow
 def test_processes_with_different_prompts_are_refused():
     for status, message in run_processes(2, _mismatch_worker, threads=1):
         assert status == "error" and "makes a different call" in message and "prompt embedding sum" in message
@@ -289,7 +292,8 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_launchers_run_the_cli(tmp_path, launcher):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, *LAUNCHERS[launcher], "-m", "fastdiff", "generate", "--model", "tiny-sd", "--steps", "3",

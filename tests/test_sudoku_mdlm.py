@@ -96,6 +96,7 @@ def test_command_line_errors(capsys):
     assert error.value.code == 2 and "--puzzles must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SUDOKU_MDLM_DIR / "config.json").is_file(), reason="sudoku-mdlm weights not trained")
 def test_shipped_model_solves_held_out_puzzles():
     """The shipped weights solve minimal puzzles they never saw (about half, as in docs/text.md),
