@@ -9,17 +9,20 @@ setting's first call is made (compilation happens there) and every setting runs 
 shuffled rounds. Reported per method: eager and compiled speedup over the same-mode vanilla and
 their ratio, the compiled output's largest difference from the eager one (relative to the eager
 image's range), and the graphs made after the first call (0: nothing recompiles). Then each
-setting is started once more in a fresh process (``--cold``) to time its first compiled call
-from nothing: compile time = first call - second call, compared with vanilla's.
+setting is started once more in a fresh process (``--cold``, with an empty inductor cache) to
+time its first compiled call from nothing: compile time = first call - second call, compared
+with vanilla's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -140,7 +143,9 @@ def main() -> None:
             if args.guidance_scale is not None:
                 command += ["--guidance-scale", str(args.guidance_scale)]
             print(f"cold start: {name}", flush=True)
-            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            with tempfile.TemporaryDirectory() as cache:  # no compiled kernels on disk from earlier runs
+                environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                done = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
             measured = json.loads(done.stdout.strip().splitlines()[-1])
             entry["cold"] = measured
             entry["cold_compile_s"] = max(measured["first_s"] - measured["second_s"], 0.0)

@@ -17,7 +17,12 @@ applied, so the hook sits outside the graph and the same module body runs compil
 Decisions then cost graphs only through shapes: a second call with the same shapes and step
 count compiles nothing; another step count compiles nothing either. Methods that change the
 batch a module sees (T-GATE after its gate, encoder propagation's stacked decoders) add the
-graphs of those batch sizes once.
+graphs of those batch sizes once. Hooks inside a compiled block (T-GATE's on attention modules)
+cut the block's graph into pieces, each specialised per shape: on a UNet, whose levels differ in
+width and token count, that is more variants of one function than Dynamo's default
+``recompile_limit`` (8) allows, past which it would silently run eagerly. So while fastdiff is
+applied to a compiled denoiser the limit is at least :data:`RECOMPILE_LIMIT`, and is restored
+by ``remove``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from typing import Any
 
 import torch
 
+# variants of one compiled function allowed while fastdiff is applied (Dynamo's default is 8)
+RECOMPILE_LIMIT = 64
+
 __all__ = [
+    "RECOMPILE_LIMIT",
     "CompileError",
     "CompileState",
     "compile_context",
@@ -117,6 +126,7 @@ class CompileState:
     wrapped: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # hook id -> (context, original, compiled)
 
     active: bool = False  # compilation is in force somewhere in the denoiser
+    raised_limit: tuple[int, int] | None = None  # (Dynamo's recompile_limit before, the value set)
     def refresh(self, denoiser_name: str, denoiser: torch.nn.Module, wrapper: Any,
                 hooks: Iterable[tuple[torch.nn.Module, Any]]) -> None:
         """Read the compile settings in force on each hooked module, take over the compiled calls
@@ -181,6 +191,11 @@ class CompileState:
             module._compiled_call_impl = None
         self.contexts = {key: contexts.get(key) for key in hooked}
         self.active = bool(found)
+        if self.active and self.raised_limit is None:
+            config = torch._dynamo.config
+            if config.recompile_limit < RECOMPILE_LIMIT:
+                self.raised_limit = (config.recompile_limit, RECOMPILE_LIMIT)
+                config.recompile_limit = RECOMPILE_LIMIT
         for module, hook in hooks:
             self._wrap(hook, contexts.get(id(module)))
 
@@ -209,6 +224,11 @@ class CompileState:
         self.wrapped.clear()
         self.contexts.clear()
         self.active = False
+        if self.raised_limit is not None:
+            before, set_to = self.raised_limit
+            if torch._dynamo.config.recompile_limit == set_to:  # unless someone set it meanwhile
+                torch._dynamo.config.recompile_limit = before
+            self.raised_limit = None
 
 
 def _path(denoiser_name: str, path: str) -> str:
