@@ -37,7 +37,7 @@ from fastdiff.evals.peers import PeerContext, parse_peer
 from fastdiff.media import pipeline_outputs
 from fastdiff.models import builtin_info
 from fastdiff.models.builtin import load_pipeline
-from fastdiff.runner import GenerationRequest, call_kwargs
+from fastdiff.runner import GenerationRequest, call_kwargs, prepare_methods
 
 DEFAULT_METHODS = "deepcache:interval=2,branch=1;deepcache:interval=3,branch=1"
 DEFAULT_PEERS = "taylorseer:interval=2,warmup=2;magcache;dbcache"
@@ -80,6 +80,7 @@ def main() -> None:
     request = GenerationRequest(prompt=info.example_prompt, steps=args.steps, height=args.height,
                                 width=args.width).with_model_defaults(args.model)
     kwargs = call_kwargs(pipe, request)
+    methods = {spec: prepare_methods(pipe, chosen, request, args.model) for spec, chosen in methods.items()}
     context = PeerContext(steps=request.steps, guidance_scale=request.guidance_scale,
                           calibrate=lambda p: p(**call_kwargs(p, request), output_type="np"))
 

@@ -275,3 +275,17 @@ def test_inductor_output_matches_eager() -> None:
         assert graphs_compiled() == made
         acc.remove()
         assert np.abs(output - expected).max() <= 1e-4 * np.abs(expected).max(), method
+
+
+def test_flops_are_counted_eagerly_on_a_compiled_denoiser() -> None:
+    pipe = _pipe("tiny-sd3")
+    acc = fastdiff.apply(pipe, DeepCache(interval=2), count_flops=True)
+    _call(pipe)
+    eager = acc.report()
+    acc.remove()
+    compile_pipeline(pipe, "regional", EAGER)
+    acc = fastdiff.apply(pipe, DeepCache(interval=2), count_flops=True)
+    _call(pipe)
+    compiled = acc.report()
+    acc.remove()
+    assert compiled.flops_run == eager.flops_run > 0 and compiled.flops_vanilla == eager.flops_vanilla

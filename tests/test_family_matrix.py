@@ -81,6 +81,18 @@ class Subject:
     def anatomy(self) -> Anatomy:
         return anatomy_of(find_denoiser(self.pipe)[1])
 
+    @classmethod
+    def of(cls, name: str, pipe: DiffusionPipeline) -> Subject:
+        """``pipe`` (built-in ``name``, any dtype) with its example call and vanilla output."""
+        pipe.set_progress_bar_config(disable=True)
+        request = GenerationRequest(prompt=builtin_info(name).example_prompt, steps=STEPS).with_model_defaults(name)
+        kwargs = call_kwargs(pipe, request)
+        kwargs.pop("generator")
+        subject = cls(name, pipe, kwargs, np.empty(0), 0.0)
+        subject.vanilla = subject.call()
+        subject.seed_spread = float(np.abs(subject.call(seed=1) - subject.vanilla).mean())
+        return subject
+
 
 class Subjects:
     def __init__(self) -> None:
@@ -88,15 +100,7 @@ class Subjects:
 
     def __getitem__(self, name: str) -> Subject:
         if name not in self.built:
-            pipe = build_builtin(name)
-            pipe.set_progress_bar_config(disable=True)
-            request = GenerationRequest(prompt=builtin_info(name).example_prompt, steps=STEPS).with_model_defaults(name)
-            kwargs = call_kwargs(pipe, request)
-            kwargs.pop("generator")
-            subject = Subject(name, pipe, kwargs, np.empty(0), 0.0)
-            subject.vanilla = subject.call()
-            subject.seed_spread = float(np.abs(subject.call(seed=1) - subject.vanilla).mean())
-            self.built[name] = subject
+            self.built[name] = Subject.of(name, build_builtin(name))
         return self.built[name]
 
 

@@ -14,22 +14,14 @@ import torch
 import fastdiff
 from fastdiff.core.accelerator import find_denoiser
 from fastdiff.core.forecast import combine
-from fastdiff.models import builtin_info
-from fastdiff.runner import GenerationRequest, call_kwargs, load
-from test_family_matrix import METHODS, STEPS, Subject, refusal, reuse_nothing, reusing
+from fastdiff.runner import load
+from test_family_matrix import METHODS, Subject, refusal, reuse_nothing, reusing
 
 
 def _subject(name: str, dtype: str) -> Subject:
     pipe = load(name, "cpu", dtype)
-    pipe.set_progress_bar_config(disable=True)
     assert find_denoiser(pipe)[1].dtype == getattr(torch, dtype)
-    request = GenerationRequest(prompt=builtin_info(name).example_prompt, steps=STEPS).with_model_defaults(name)
-    kwargs = call_kwargs(pipe, request)
-    kwargs.pop("generator")
-    subject = Subject(name, pipe, kwargs, np.empty(0), 0.0)
-    subject.vanilla = subject.call()
-    subject.seed_spread = float(np.abs(subject.call(seed=1) - subject.vanilla).mean())
-    return subject
+    return Subject.of(name, pipe)
 
 
 def check_every_method(name: str, dtype: str = "bfloat16") -> None:

@@ -9,6 +9,7 @@ user compiled it or a module around it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -100,14 +101,17 @@ class DenoiserClockHook(ModelHook):
         if not runtime.clock.active or runtime.measuring is not None:
             return forward(*args, **kwargs)
         runtime.denoiser_started(args, kwargs)
-        vanilla = runtime.vanilla_flops(forward, args, kwargs)
         counter = runtime.flop_counter()
-        start = time.perf_counter()
-        if counter is None:
-            output = runtime.run_denoiser(forward, args, kwargs)
-        else:
-            with counter:
+        # FLOPs are counted as operators dispatch, which compiled kernels do not: counting runs eagerly
+        stance = torch.compiler.set_stance("force_eager") if counter is not None and runtime.compiled else None
+        with stance or contextlib.nullcontext():
+            vanilla = runtime.vanilla_flops(forward, args, kwargs)
+            start = time.perf_counter()
+            if counter is None:
                 output = runtime.run_denoiser(forward, args, kwargs)
+            else:
+                with counter:
+                    output = runtime.run_denoiser(forward, args, kwargs)
         runtime.denoiser_finished(time.perf_counter() - start, counter, vanilla)
         return output
 
