@@ -319,12 +319,12 @@ PROG = "python -m fastdiff.models.sudoku_mdlm"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..cli import HelpFormatter, Parser  # one-line mistakes, defaults in the help: as fastdiff's own
+    from ..cli import Parser  # one-line mistakes, defaults in the help: as fastdiff's own
     from ..cli_checks import int_at_least
 
     parser = Parser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,solve,evaluate}")
-    trainer = commands.add_parser("train", formatter_class=HelpFormatter,
+    trainer = commands.add_parser("train",
                                   help="train the model for a fixed wall-clock budget and save it",
                                   description="Train sudoku-mdlm for a fixed wall-clock budget (the learning-rate "
                                               "schedule is sized from a measured step time), then save config.json, "
@@ -341,7 +341,7 @@ def _parser() -> argparse.ArgumentParser:
                   "peers)", "heads": "attention heads per layer (must divide --hidden)"}
     for name, value in DEFAULTS.items():
         trainer.add_argument(f"--{name}", type=int, default=value, help=shape_help[name])
-    solver = commands.add_parser("solve", formatter_class=HelpFormatter,
+    solver = commands.add_parser("solve",
                                  help="fill one puzzle (81 characters 0-9, 0 for a blank)",
                                  description="Fill the blanks of one puzzle with the model and print the grid, "
                                              "whether it is a valid solution and the model calls it took (exit "
@@ -353,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
                              "decoding is greedy (temperature 0)")
     solver.add_argument("--model", type=Path, default=SUDOKU_MDLM_DIR, metavar="DIR",
                         help="folder of the trained model (default: the shipped one)")
-    evaluator = commands.add_parser("evaluate", formatter_class=HelpFormatter,
+    evaluator = commands.add_parser("evaluate",
                                     help="puzzles solved and model calls per sampler",
                                     description="Run every sampler of the sampler table (docs/text.md) on held-out "
                                                 "puzzles, greedily: the share solved and the model calls per "
