@@ -166,7 +166,7 @@ class Accelerator:
 
     @property
     def compiled(self) -> bool:
-        """Whether compilation is in force on the denoiser or any module fastdiff hooks."""
+        """Whether compilation is in force anywhere in the denoiser (as of the last call or ``apply``)."""
         return self.compile_state.active
 
     def refresh_compile(self) -> None:
