@@ -286,6 +286,7 @@ def test_a_process_killed_from_outside_is_reported_and_the_others_stopped():
     assert not (_children() - before)
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_no_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastdiff", "generate", "--out", "/proc/nope/x.png"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -166,6 +166,7 @@ def test_regional_compile_uses_diffusers_repeated_blocks_or_the_anatomy() -> Non
     assert compile_pipeline(flux, "none") == []
 
 
+@pytest.mark.slow
 def test_compiled_bench_reports_compile_time_and_graphs_apart() -> None:
     from fastdiff.evals.bench import benchmark
     from fastdiff.runner import GenerationRequest

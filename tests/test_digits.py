@@ -124,6 +124,7 @@ def test_training_runs_and_saves_loadable_pipeline(tmp_path: Path) -> None:
     assert torch.equal(load_feature_network(tmp_path / "features.safetensors")(image), net(image))
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_from_the_seed() -> None:
     pytest.importorskip("sklearn")
     from fastdiff.models.train import train_digits

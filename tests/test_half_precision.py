@@ -42,7 +42,7 @@ def check_every_method(name: str, dtype: str = "bfloat16") -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Pipelines loaded with `dtype=torch.float16`")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 def test_every_method_in_half_precision_on_a_transformer(dtype: str) -> None:
     check_every_method("tiny-sd3", dtype)
 

@@ -100,6 +100,7 @@ def test_a_peer_runs_repeatably_and_leaves_nothing_behind(sd3, spec):
     assert np.array_equal(_images(pipe, requests), vanilla) and _hooks(pipe.transformer) == []
 
 
+@pytest.mark.slow
 def test_harness_scores_peers_and_lists_those_that_cannot_run(sd3):
     peers = (parse_peer("pab:spatial=2") + parse_peer("magcache:threshold=0.5,retention=0.1")
              + parse_peer("fbc:threshold=0.1") + parse_peer("deepcache-release:interval=2"))

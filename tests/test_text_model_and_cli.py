@@ -75,6 +75,7 @@ def test_cli_text(saved_pipe, tmp_path, capsys):
     assert "--block-length: 4 does not divide --gen-length 10" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_text_bench_counts_calls_and_compares_caches(saved_pipe, tmp_path, capsys):
     from fastdiff.evals import text_bench
 
