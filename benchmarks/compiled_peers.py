@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from fastdiff.compilation import COMPILE_MODES, compile_pipeline
 from fastdiff.core.accelerator import apply, find_denoiser
 from fastdiff.core.compiled import graphs_compiled
 from fastdiff.core.method import parse_method
-from fastdiff.evals.bench import psnr, text_table
+from fastdiff.evals.bench import psnr, shuffled_rounds, text_table
 from fastdiff.evals.peers import PeerContext, parse_peer
 from fastdiff.media import pipeline_outputs
 from fastdiff.models import builtin_info
@@ -123,15 +122,7 @@ def main() -> None:
             warm[name] = {"first_s": time.perf_counter() - start, "graphs": graphs_compiled() - before}
             print(f"  first call {name}: {warm[name]['first_s']:.1f} s, {warm[name]['graphs']} graphs", flush=True)
         before = graphs_compiled()
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        outputs: dict[str, np.ndarray] = {}
-        order = list(runners)
-        rng = random.Random(2)
-        for _ in range(args.repeats):  # shuffled: slow drifts of the machine are spread over all settings
-            rng.shuffle(order)
-            for name in order:
-                seconds, outputs[name] = runners[name]()
-                times[name].append(seconds)
+        times, outputs = shuffled_rounds(runners, args.repeats, seed=2, warmup=False)  # warmed up above
         later = graphs_compiled() - before
         vanilla = statistics.median(times["vanilla"])
         entries = {}

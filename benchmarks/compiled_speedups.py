@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,10 @@ from fastdiff.compilation import COMPILE_MODES, compile_pipeline
 from fastdiff.core.accelerator import apply
 from fastdiff.core.compiled import graphs_compiled
 from fastdiff.core.method import parse_method
-from fastdiff.evals.bench import shuffled_rounds, text_table
-from fastdiff.media import pipeline_outputs
+from fastdiff.evals.bench import shuffled_rounds, text_table, timed_call
 from fastdiff.models import builtin_info
 from fastdiff.models.builtin import load_pipeline
-from fastdiff.runner import GenerationRequest, call_kwargs, prepare_methods
+from fastdiff.runner import GenerationRequest, prepare_methods
 
 DEFAULT_METHODS = {
     "digits": ["deepcache:interval=3", "deepcache:interval=3,forecast=ab2", "blockcache:budget=0.5",
@@ -65,13 +63,11 @@ def _runner(pipe: Any, request: GenerationRequest, methods: list) -> Any:
     def run() -> tuple[float, np.ndarray]:
         accelerator = apply(pipe, *methods) if methods else None
         try:
-            start = time.perf_counter()
-            images = pipeline_outputs(pipe(**call_kwargs(pipe, request), output_type="np"))
-            elapsed = time.perf_counter() - start
+            elapsed, _, images = timed_call(pipe, request)  # synchronised on a GPU
         finally:
             if accelerator is not None:
                 accelerator.remove()
-        return elapsed, np.asarray(images, dtype=np.float64)
+        return elapsed, images.astype(np.float64)
 
     return run
 

@@ -42,7 +42,6 @@ __all__ = [
     "CompileError",
     "CompileState",
     "compile_context",
-    "describe",
     "eager",
     "graphs_compiled",
 ]
@@ -83,20 +82,6 @@ def is_fullgraph(context: Any) -> bool:
     return bool(getattr(context, "fullgraph", False))
 
 
-def describe(context: Any) -> str:
-    """The compile settings in a line, for reports ("inductor, fullgraph" ...)."""
-    if context is None:
-        return "not compiled"
-    backend = getattr(context, "callback", None)
-    inner = getattr(backend, "_torchdynamo_orig_backend", backend)
-    name = getattr(getattr(inner, "_torchdynamo_orig_backend", inner), "compiler_name", None)
-    name = name or getattr(inner, "__name__", None) or type(inner).__name__
-    parts = [str(name)]
-    if is_fullgraph(context):
-        parts.append("fullgraph")
-    return ", ".join(parts)
-
-
 def graphs_compiled() -> int:
     """Graphs torch.compile has made in this process so far (differences of it count new ones)."""
     from torch._dynamo.utils import counters
@@ -121,9 +106,8 @@ class CompileState:
     start of every pipeline call (a user may compile after ``apply``)."""
 
     taken: list[_TakenOver] = field(default_factory=list)
-    # the context in force on each hooked module, by id, and the forward wrapped with it, by hook id
-    contexts: dict[int, Any] = field(default_factory=dict)
-    wrapped: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)  # hook id -> (context, original, compiled)
+    # by hook id: the context in force on its module, its original forward, that forward compiled
+    wrapped: dict[int, tuple[Any, Any, Any]] = field(default_factory=dict)
 
     active: bool = False  # compilation is in force somewhere in the denoiser
     raised_limit: tuple[int, int] | None = None  # (Dynamo's recompile_limit before, the value set)
@@ -189,7 +173,6 @@ class CompileState:
             else:
                 self.taken.append(_TakenOver(module, module.__dict__["_compiled_call_impl"]))
             module._compiled_call_impl = None
-        self.contexts = {key: contexts.get(key) for key in hooked}
         self.active = bool(found)
         if self.active and self.raised_limit is None:
             config = torch._dynamo.config
@@ -222,7 +205,6 @@ class CompileState:
         for hook in hooks:
             hook.compiled_forward = None
         self.wrapped.clear()
-        self.contexts.clear()
         self.active = False
         if self.raised_limit is not None:
             before, set_to = self.raised_limit

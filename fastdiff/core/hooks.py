@@ -72,13 +72,11 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-def module_forward(hook: ModelHook, runtime: Accelerator) -> Any:
-    """What the hook runs for its module: the compiled form where compilation is in force, except
-    while FLOPs are counted (counting sees operators, which compiled kernels do not dispatch)."""
+def module_forward(hook: ModelHook) -> Any:
+    """What the hook runs for its module: the compiled form where compilation is in force. (While
+    FLOPs are counted, :class:`DenoiserClockHook` runs the whole call with the compiler stood down.)"""
     compiled = getattr(hook, "compiled_forward", None)
-    if compiled is None or runtime.count_flops or runtime.measuring is not None:
-        return hook.fn_ref.original_forward
-    return compiled
+    return hook.fn_ref.original_forward if compiled is None else compiled
 
 
 class DenoiserClockHook(ModelHook):
@@ -97,14 +95,13 @@ class DenoiserClockHook(ModelHook):
     @eager
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
-        forward = module_forward(self, runtime)
+        forward = module_forward(self)
         if not runtime.clock.active or runtime.measuring is not None:
             return forward(*args, **kwargs)
         runtime.denoiser_started(args, kwargs)
         counter = runtime.flop_counter()
         # FLOPs are counted as operators dispatch, which compiled kernels do not: counting runs eagerly
-        stance = torch.compiler.set_stance("force_eager") if counter is not None and runtime.compiled else None
-        with stance or contextlib.nullcontext():
+        with contextlib.nullcontext() if counter is None else torch.compiler.set_stance("force_eager"):
             vanilla = runtime.vanilla_flops(forward, args, kwargs)
             start = time.perf_counter()
             if counter is None:
@@ -166,7 +163,7 @@ class ReuseHook(ModelHook):
     @eager
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         runtime = self.runtime
-        forward = module_forward(self, runtime)
+        forward = module_forward(self)
         if not runtime.clock.active:
             return forward(*args, **kwargs)
         if runtime.measuring is not None:

@@ -129,7 +129,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(pipe: DiffusionPipeline, request: GenerationRequest) -> tuple[float, int | None, np.ndarray]:
+def timed_call(pipe: DiffusionPipeline, request: GenerationRequest) -> tuple[float, int | None, np.ndarray]:
+    """One call's wall time (the device synchronised around it), peak GPU memory and its images."""
     device = pipe.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -186,7 +187,7 @@ def benchmark(pipe: DiffusionPipeline, methods: Sequence[Method], request: Gener
                 accelerator = apply(pipe, *methods) if kind == "accelerated" else None
                 made = graphs_compiled()
                 try:
-                    elapsed, peak, out = _timed(pipe, request)
+                    elapsed, peak, out = timed_call(pipe, request)
                 finally:
                     if accelerator is not None:
                         accelerator.remove()
@@ -241,9 +242,11 @@ def write(result: BenchResult, path: str | Path) -> None:
     Path(path).write_text(result.to_json())
 
 
-def shuffled_rounds(runners: dict[str, Any], repeats: int, seed: int = 0) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Run every ``runner() -> (seconds, output)`` once per round in a shuffled order; the first
-    round warms up. Returns the timed seconds and the last output of each, by name.
+def shuffled_rounds(runners: dict[str, Any], repeats: int, seed: int = 0,
+                    warmup: bool = True) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run every ``runner() -> (seconds, output)`` once per round in a shuffled order; with
+    ``warmup`` an extra first round warms up untimed (without: the caller warmed up already).
+    Returns the timed seconds and the last output of each, by name.
 
     Shuffling spreads slow drifts of the machine (heat, background load) over all settings
     instead of charging them to whichever always runs last.
@@ -254,11 +257,11 @@ def shuffled_rounds(runners: dict[str, Any], repeats: int, seed: int = 0) -> tup
     outputs: dict[str, Any] = {}
     order = list(runners)
     rng = random.Random(seed)
-    for i in range(repeats + 1):
+    for i in range(repeats + warmup):
         rng.shuffle(order)
         for name in order:
             elapsed, outputs[name] = runners[name]()
-            if i:
+            if i or not warmup:
                 times[name].append(elapsed)
     return times, outputs
 
